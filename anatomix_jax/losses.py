@@ -1,0 +1,88 @@
+"""Stage-1 (APM) losses: box L1 + GIoU with fixed one-to-one assignment, image-label BCE, extra terms.
+
+Axis letters: B batch, N anatomy queries (36), C image labels (14), L decoder layers.
+
+Query ``i`` is anatomy ``i`` (no Hungarian matching, REFERENCE.md §1.2). The reference normalises both
+box losses by ``num_boxes = B·N`` and regresses anatomies missing from a scene graph to
+``[0, 0, 0, 0]``; by default this project masks them out and normalises by the number of present
+boxes instead (``mask_absent=False`` restores the reference).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from anatomix_jax.ops import boxes as box_ops
+
+Array = jax.Array
+# An extra loss term: (model outputs, batch) -> scalar. The contrastive KL term plugs in here.
+LossTerm = Callable[[Mapping[str, Array], Mapping[str, Array]], Array]
+
+
+def box_losses(pred: Array, target: Array, weight: Array, num_boxes: Array) -> tuple[Array, Array]:
+  """Summed L1 and (1 − GIoU) box losses divided by ``num_boxes``.
+
+  Args:
+    pred: ``[..., 4]`` predicted boxes, normalized cxcywh.
+    target: ``[..., 4]`` target boxes, normalized cxcywh.
+    weight: ``[...]`` per-box weight (0 excludes a box).
+    num_boxes: scalar normaliser (clamped to ≥ 1).
+
+  Returns:
+    ``(l1, giou)`` scalars.
+  """
+  num_boxes = jnp.maximum(num_boxes, 1.0)
+  l1 = jnp.sum(jnp.abs(pred - target).sum(-1) * weight) / num_boxes
+  giou = box_ops.giou(box_ops.cxcywh_to_xyxy(pred), box_ops.cxcywh_to_xyxy(target))
+  return l1, jnp.sum((1.0 - giou) * weight) / num_boxes
+
+
+def label_loss(logits: Array, labels: Array, valid: Array) -> Array:
+  """Mean binary cross-entropy with logits over valid rows: ``[B, C]``, ``[B, C]``, ``[B]`` → scalar."""
+  bce = optax.sigmoid_binary_cross_entropy(logits, labels)
+  denom = jnp.maximum(valid.sum() * logits.shape[-1], 1.0)
+  return jnp.sum(bce * valid[:, None]) / denom
+
+
+def stage1_losses(outputs: Mapping[str, Array], batch: Mapping[str, Array], cfg: Any,
+                  extra_terms: Mapping[str, tuple[float, LossTerm]] | None = None
+                  ) -> tuple[Array, dict[str, Array]]:
+  """Total weighted APM loss and its parts.
+
+  Args:
+    outputs: APM outputs: ``boxes [B, N, 4]``, ``aux_boxes [L, B, N, 4]``, ``image_logits [B, C]``.
+    batch: ``boxes [B, N, 4]`` (normalized cxcywh), ``box_mask [B, N]``, ``labels [B, C]`` and
+      optionally ``valid [B]`` (0 for padding rows).
+    cfg: the ``loss`` config: weights ``l1``, ``giou``, ``labels``; ``aux``; ``mask_absent``.
+    extra_terms: name → (weight, term) added to the total, e.g. the contrastive loss.
+
+  Returns:
+    ``(total, parts)`` where ``parts`` holds every unweighted term and ``loss`` (the total).
+  """
+  valid = batch.get("valid", jnp.ones(batch["labels"].shape[:1], jnp.float32))
+  if cfg.mask_absent:
+    weight = batch["box_mask"] * valid[:, None]
+    target = batch["boxes"]
+  else:  # reference: absent anatomies are regressed to the all-zero box and counted
+    weight = jnp.broadcast_to(valid[:, None], batch["box_mask"].shape)
+    target = batch["boxes"] * batch["box_mask"][..., None]
+  num_boxes = weight.sum()
+
+  l1, giou = box_losses(outputs["boxes"], target, weight, num_boxes)
+  parts = {"l1": l1, "giou": giou,
+           "labels": label_loss(outputs["image_logits"], batch["labels"], valid)}
+  total = cfg.l1 * l1 + cfg.giou * giou + cfg.labels * parts["labels"]
+  if cfg.aux:  # DETR auxiliary decoding losses on every decoder layer but the last
+    aux_l1, aux_giou = jax.vmap(box_losses, in_axes=(0, None, None, None))(
+        outputs["aux_boxes"][:-1], target, weight, num_boxes)
+    parts["aux_l1"], parts["aux_giou"] = aux_l1.sum(), aux_giou.sum()
+    total += cfg.l1 * parts["aux_l1"] + cfg.giou * parts["aux_giou"]
+  for name, (term_weight, term) in (extra_terms or {}).items():
+    parts[name] = term(outputs, batch)
+    total += term_weight * parts[name]
+  parts["loss"] = total
+  return total, parts

@@ -1,0 +1,62 @@
+"""Entry point: ``python -m anatomix_jax.main --config=configs/stage1.py[:demo] --workdir=DIR``.
+
+Flags: ``--mode=train|eval``; ``--config.a.b=value`` overrides any config field (the config is locked,
+so an unknown key fails at flag parsing, before any work starts). Multi-process runs (TPU pod
+slices, SLURM, or explicit ``--coordinator_address``) initialise ``jax.distributed`` first; a
+single machine skips it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and data.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 for multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _multi_process_requested() -> bool:
+  """Whether this launch is one of several processes (explicit flags or a cluster environment)."""
+  if _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # a multi-host TPU slice
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax  # pylint: disable=import-outside-toplevel
+
+  if _multi_process_requested():
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  logging.info("process %d of %d; %d local / %d global devices (%s)", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+
+  from anatomix_jax.train import loop  # pylint: disable=import-outside-toplevel
+
+  config = _CONFIG.value
+  if config.stage != "stage1":
+    raise app.UsageError(f"config stage {config.stage!r} is not runnable by this build")
+  if _MODE.value == "train":
+    result = loop.train_and_evaluate(config, _WORKDIR.value)
+  else:
+    result = loop.evaluate_checkpoint(config, _WORKDIR.value)
+  if jax.process_index() == 0 and result:
+    logging.info("done: %s", {k: v for k, v in result.items() if "/" not in k})
+
+
+if __name__ == "__main__":
+  app.run(main)

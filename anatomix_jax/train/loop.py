@@ -1,0 +1,254 @@
+"""The stage-1 training loop: config → mesh → data → abstract state → init or restore → steps.
+
+``train_and_evaluate(config, workdir)`` trains with periodic evaluation and checkpoints and resumes
+from the workdir automatically; ``evaluate_checkpoint(config, workdir)`` scores a saved checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from anatomix_jax import anatomy
+from anatomix_jax.data import pipeline, stage1_data
+from anatomix_jax.models import apm
+from anatomix_jax.train import checkpointing, metrics as metrics_lib, overlays
+from anatomix_jax.train import sharding as sharding_lib, state as state_lib, steps as steps_lib
+from anatomix_jax.train.writers import MetricWriter
+
+
+class Stage1:
+  """What training and evaluation share: mesh, data location, model, optimizer, abstract state."""
+
+  def __init__(self, config: Any, workdir: str):
+    if config.loss.contrastive:
+      raise ValueError("loss.contrastive > 0 needs the frozen text encoder and sentence cache, which "
+                       "are not part of this build yet; set --config.loss.contrastive=0")
+    self.config, self.workdir = config, workdir
+    self.mesh = sharding_lib.make_mesh(config.mesh)
+    self.rules = tuple(tuple(r) for r in config.sharding_rules)
+    # Validate batch layouts before any data is generated or anything is compiled.
+    self.host_batch = sharding_lib.check_global_batch(config.train.batch_size, self.mesh, self.rules)
+    self.host_eval_batch = sharding_lib.check_global_batch(config.eval.batch_size, self.mesh,
+                                                           self.rules)
+    self.batch_sharding = sharding_lib.batch_sharding(self.mesh, self.rules)
+    self.records_dir = stage1_data.resolve_records_dir(config.data, workdir)
+    self.num_train = stage1_data.split_count(self.records_dir, config.data.train_split)
+    self.steps_per_epoch = max(self.num_train // config.train.batch_size, 1)
+    self.num_steps = (config.train.num_steps if config.train.num_steps > 0
+                      else config.train.epochs * self.steps_per_epoch)
+    self.model = apm.APM(apm.APMConfig.from_config(config.model))
+    self.tx = state_lib.make_optimizer(config.optim, self.num_steps)
+    size = config.data.image_size
+    init_variables = lambda rng: self.model.init(  # noqa: E731
+        {"params": rng, "dropout": rng}, jnp.zeros((1, size, size, 1), jnp.float32), train=False)
+    self.init_rng, self.train_rng = jax.random.split(jax.random.key(config.seed))
+    self.abstract_state, self.state_shardings, self.init_state = state_lib.train_state_factory(
+        init_variables, self.tx, self.init_rng, self.mesh, self.rules)
+    self.checkpointer = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+        best_metric=config.train.best_metric)
+
+  def meta(self, step: int) -> dict:
+    return {"step": int(step), "stage": self.config.stage,
+            "config": json.loads(self.config.to_json_best_effort()),
+            "records_dir": self.records_dir, "num_steps": self.num_steps}
+
+  def check_compatible(self, meta: dict) -> None:
+    """A workdir's checkpoint must come from the same model; anything else may change on resume."""
+    saved = meta.get("config", {}).get("model")
+    current = json.loads(self.config.model.to_json_best_effort())
+    if saved is not None and saved != current:
+      raise ValueError(f"{self.checkpointer.directory} holds checkpoints of a different model "
+                       f"({saved} vs {current}); use another --workdir")
+
+  def eval_dataset(self, split: str):
+    c = self.config.data
+    return pipeline.stage1_dataset(
+        self.records_dir, split, image_size=c.image_size, batch_size=self.host_eval_batch,
+        train=False, seed=self.config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_workers=0, skip_bad=c.skip_bad)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def run_eval(run: Stage1, eval_step, state, split: str, step: int,
+             baseline_boxes: np.ndarray | None = None) -> dict[str, float]:
+  """Scores ``state`` on every example of ``split`` once; writes box overlays of a few of them."""
+  keys = ("boxes", "box_mask", "labels", "valid", "index")
+  collected = {k: [] for k in ("pred_boxes", "logits", *keys)}
+  loss_sums, num_batches, overlay_batch = {}, 0, None
+  for local in run.eval_dataset(split):
+    batch = sharding_lib.host_to_global(local, run.batch_sharding)
+    outputs, parts = eval_step(state, batch)
+    collected["pred_boxes"].append(_to_host(outputs["boxes"]))
+    collected["logits"].append(_to_host(outputs["image_logits"]))
+    for k in keys:
+      collected[k].append(_to_host(batch[k]))
+    for k, v in jax.device_get(parts).items():
+      loss_sums[k] = loss_sums.get(k, 0.0) + float(v)
+    num_batches += 1
+    if overlay_batch is None:
+      overlay_batch = local
+  data = {k: np.concatenate(v) for k, v in collected.items()}
+  keep = data["valid"] > 0
+  data = {k: v[keep] for k, v in data.items()}
+  out = metrics_lib.stage1_metrics(data["pred_boxes"], data["boxes"], data["box_mask"],
+                                   data["logits"], data["labels"], anatomy.ANATOMY_NAMES,
+                                   anatomy.CHEXPERT_LABELS)
+  out.update({f"loss/{k}": v / max(num_batches, 1) for k, v in loss_sums.items()})
+  out["num_examples"] = int(keep.sum())
+  if baseline_boxes is not None:
+    per_anatomy, _ = metrics_lib.anatomy_iou(
+        np.broadcast_to(baseline_boxes, data["boxes"].shape), data["boxes"], data["box_mask"])
+    out["baseline_mean_iou"] = float(np.nanmean(per_anatomy))
+  if jax.process_index() == 0 and run.config.eval.num_overlays and overlay_batch is not None:
+    _write_overlays(run, overlay_batch, data, step, split)
+  return out
+
+
+def _write_overlays(run: Stage1, local: dict, data: dict, step: int, split: str) -> None:
+  directory = os.path.join(run.workdir, "overlays")
+  os.makedirs(directory, exist_ok=True)
+  row_of = {int(i): r for r, i in enumerate(data["index"])}
+  for j in range(min(run.config.eval.num_overlays, len(local["index"]))):
+    idx = int(local["index"][j])
+    if idx < 0 or idx not in row_of:
+      continue
+    r = row_of[idx]
+    image = local["image"][j]
+    scale = max(1, 512 // image.shape[0])
+    overlays.draw_boxes(image, data["pred_boxes"][r], data["boxes"][r], data["box_mask"][r],
+                        scale_up=scale).save(os.path.join(directory, f"{split}_step{step:07d}_{idx}.png"))
+
+
+def _summary(metrics: dict) -> str:
+  keys = ("mean_iou", "baseline_mean_iou", "map", "map_50", "auroc", "f1", "loss/loss")
+  return " ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict:
+  """Trains stage 1, resuming from ``{workdir}/checkpoints`` if present; returns the final metrics."""
+  run = Stage1(config, workdir)
+  c = config
+  eval_every = c.train.eval_every if c.train.eval_every > 0 else run.steps_per_epoch
+  ckpt_every = c.train.checkpoint_every if c.train.checkpoint_every > 0 else eval_every
+  augment = c.data.augment if c.data.augment.enabled else None
+  train_iter = iter(pipeline.stage1_dataset(
+      run.records_dir, c.data.train_split, image_size=c.data.image_size, batch_size=run.host_batch,
+      train=True, seed=c.seed, augment=augment, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_workers=c.data.num_workers, skip_bad=c.data.skip_bad))
+
+  start = run.checkpointer.latest_step()
+  if start is not None:
+    run.check_compatible(run.checkpointer.read_meta(start))
+    state, _ = run.checkpointer.restore(start, run.abstract_state, train_iter)
+    logging.info("resumed from %s at step %d", run.checkpointer.directory, start)
+  else:
+    state, start = run.init_state(run.init_rng), 0
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(run.abstract_state.params))
+  logging.info("stage 1: %d parameters, %d train examples, %d steps (%d per epoch), global batch "
+               "%d, mesh %s", num_params, run.num_train, run.num_steps, run.steps_per_epoch,
+               c.train.batch_size, dict(run.mesh.shape))
+
+  writer = MetricWriter(workdir)
+  watcher = checkpointing.PreemptionWatcher()
+  baseline = stage1_data.mean_train_boxes(run.records_dir, c.data.train_split)
+  final: dict = {}
+  try:
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+      train_step = steps_lib.jit_train_step(
+          steps_lib.make_train_step(run.model, run.tx, c.loss), run.state_shardings,
+          run.batch_sharding, run.mesh)
+      eval_step = steps_lib.jit_eval_step(steps_lib.make_eval_step(run.model, c.loss),
+                                          run.state_shardings, run.batch_sharding)
+      pending, t_log, step_log = [], time.time(), start
+      step = start
+      while step < run.num_steps:
+        batch = sharding_lib.host_to_global(next(train_iter), run.batch_sharding)
+        state, step_metrics = train_step(state, batch, run.train_rng)
+        step += 1
+        pending.append(step_metrics)
+        if step % c.train.log_every == 0 or step == run.num_steps:
+          _log_train(writer, pending, step, step_log, t_log, run)
+          pending, t_log, step_log = [], time.time(), step
+        evaluated = step % eval_every == 0 or step == run.num_steps
+        if evaluated:
+          final = run_eval(run, eval_step, state, c.data.eval_split, step, baseline)
+          writer.write(step, "val", final)
+          logging.info("eval step %d (%s): %s", step, c.data.eval_split, _summary(final))
+        if evaluated or step % ckpt_every == 0:
+          run.checkpointer.save(step, state, train_iter, run.meta(step),
+                                metrics=final if evaluated else None)
+        if watcher.should_stop(step):
+          run.checkpointer.save(step, state, train_iter, run.meta(step), force=True)
+          run.checkpointer.wait()
+          logging.warning("preempted: checkpoint of step %d saved; exiting", step)
+          return {"preempted": True, "step": step}
+  finally:
+    run.checkpointer.close()
+    writer.close()
+    watcher.close()
+  final["step"] = step
+  return final
+
+
+def _log_train(writer: MetricWriter, pending: list, step: int, step_log: int, t_log: float,
+               run: Stage1) -> None:
+  host = jax.device_get(pending)
+  if any(int(m["nonfinite"]) for m in host):
+    raise FloatingPointError(
+        f"non-finite loss or gradient between steps {step_log + 1} and {step}: those updates were "
+        f"not applied and nothing after checkpoint {run.checkpointer.latest_step()} was saved; "
+        "lower the learning rate or check the data")
+  mean = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "nonfinite"}
+  elapsed = max(time.time() - t_log, 1e-9)
+  steps_per_s = (step - step_log) / elapsed
+  mean["images_per_s"] = steps_per_s * run.config.train.batch_size
+  mean["eta_min"] = (run.num_steps - step) / max(steps_per_s, 1e-9) / 60
+  writer.write(step, "train", mean)
+  logging.info("step %d/%d loss=%.4f l1=%.4f giou=%.4f labels=%.4f %.1f img/s ETA %.1f min",
+               step, run.num_steps, mean["loss"], mean["l1"], mean["giou"], mean["labels"],
+               mean["images_per_s"], mean["eta_min"])
+
+
+def evaluate_checkpoint(config: Any, workdir: str) -> dict:
+  """Scores the workdir's latest (or best, per ``eval.checkpoint``) checkpoint on the eval split."""
+  run = Stage1(config, workdir)
+  which = config.eval.checkpoint
+  step = {"latest": run.checkpointer.latest_step(), "best": run.checkpointer.best_step()}.get(which)
+  if step is None:
+    raise FileNotFoundError(f"no {which!r} checkpoint in {run.checkpointer.directory}: train first "
+                            "(--mode=train) with the same --workdir")
+  run.check_compatible(run.checkpointer.read_meta(step))
+  state, _ = run.checkpointer.restore(step, run.abstract_state, None)
+  baseline = stage1_data.mean_train_boxes(run.records_dir, config.data.train_split)
+  try:
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+      eval_step = steps_lib.jit_eval_step(steps_lib.make_eval_step(run.model, config.loss),
+                                          run.state_shardings, run.batch_sharding)
+      out = run_eval(run, eval_step, state, config.data.eval_split, step, baseline)
+  finally:
+    run.checkpointer.close()
+  out["step"] = step
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, f"eval_{config.data.eval_split}_step{step}.json")
+    with open(path, "w") as f:
+      json.dump(out, f, indent=2)
+    logging.info("eval of step %d on %s: %s (all metrics in %s)", step, config.data.eval_split,
+                 _summary(out), path)
+  return out

@@ -1,0 +1,114 @@
+"""Device mesh, logical-axis rules and shardings: the one place where placement is decided.
+
+Models name their parameter and activation axes logically (``embed``, ``mlp``, ``activation_batch``…);
+the config's rules table maps those names to mesh axes (``data``, ``fsdp``, ``tensor``). Meshes use
+Auto axis types so logical constraints propagate (TOOLCHAIN.md: ``jax.make_mesh`` now defaults to
+Explicit axes, which break Linen's logical constraints).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+Rules = Sequence[tuple[str, Any]]
+
+
+class ShardingError(ValueError):
+  """A mesh or batch layout that cannot work on the available devices."""
+
+
+def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Resolves one ``-1`` entry of ``shape`` so the product equals ``num_devices``."""
+  shape = [int(s) for s in shape]
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ShardingError(f"mesh shape {tuple(shape)}: use positive sizes and at most one -1")
+  known = math.prod(s for s in shape if s != -1)
+  if num_devices % known:
+    raise ShardingError(f"mesh shape {tuple(shape)} does not divide the {num_devices} devices")
+  if -1 in shape:
+    shape[shape.index(-1)] = num_devices // known
+  if math.prod(shape) != num_devices:
+    raise ShardingError(f"mesh shape {tuple(shape)} uses {math.prod(shape)} devices, but "
+                        f"{num_devices} are available")
+  return tuple(shape)
+
+
+def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the named device mesh of ``mesh_cfg`` (``shape`` with optional -1, ``axes``)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_cfg.shape, len(devices))
+  if len(shape) != len(mesh_cfg.axes):
+    raise ShardingError(f"mesh shape {shape} and axes {tuple(mesh_cfg.axes)} differ in length")
+  if len(devices) == len(jax.devices()):
+    return jax.make_mesh(shape, tuple(mesh_cfg.axes), axis_types=(AxisType.Auto,) * len(shape),
+                         devices=devices)
+  return Mesh(np.asarray(devices).reshape(shape), tuple(mesh_cfg.axes),
+              axis_types=(AxisType.Auto,) * len(shape))
+
+
+def _fit_to_shape(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drops mesh axes from dimensions they do not divide (those stay replicated)."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    kept = []
+    for name in names:
+      if dim % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[name]) == 0:
+        kept.append(name)
+    fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return P(*fitted)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
+  """Maps a tree of (possibly ``nn.LogicallyPartitioned``) abstract arrays to NamedShardings.
+
+  Leaves without logical names are replicated.
+  """
+  specs = nn.get_partition_spec(abstract_tree)
+  unboxed = nn.unbox(abstract_tree)
+
+  def to_sharding(spec, leaf):
+    if not hasattr(leaf, "shape"):  # empty pytree nodes such as optax.MaskedNode stay as they are
+      return leaf
+    mesh_spec = nn.logical_to_mesh_axes(spec, rules) if spec is not None else P()
+    return NamedSharding(mesh, _fit_to_shape(mesh_spec, leaf.shape, mesh))
+
+  return jax.tree.map(to_sharding, specs, unboxed,
+                      is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def data_axes(rules: Rules) -> tuple[str, ...]:
+  """Mesh axes that split the batch (the rule for ``activation_batch``)."""
+  axes = dict(rules).get("activation_batch")
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+  """Sharding of a global batch: leading dimension over the data axes, the rest replicated."""
+  return NamedSharding(mesh, P(data_axes(rules) or None))
+
+
+def check_global_batch(global_batch: int, mesh: Mesh, rules: Rules,
+                       process_count: int | None = None) -> int:
+  """Validates the global batch size and returns the per-process (host-local) batch size."""
+  process_count = jax.process_count() if process_count is None else process_count
+  shards = math.prod(mesh.shape[a] for a in data_axes(rules))
+  if global_batch % shards:
+    raise ShardingError(f"global batch {global_batch} is not divisible by the {shards} data-parallel "
+                        f"shards of mesh axes {data_axes(rules)} {dict(mesh.shape)}")
+  if global_batch % process_count:
+    raise ShardingError(f"global batch {global_batch} is not divisible by the {process_count} "
+                        "processes")
+  return global_batch // process_count
+
+
+def host_to_global(local_batch: Any, sharding: NamedSharding) -> Any:
+  """Assembles each process's slice of the batch into global ``jax.Array``s (leading axis split)."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local_batch)

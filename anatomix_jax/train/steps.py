@@ -1,0 +1,76 @@
+"""Pure stage-1 step functions and their jitted, sharded forms.
+
+``train_step(state, batch, rng) -> (state, metrics)``; ``eval_step(state, batch) -> (outputs, parts)``.
+Batch keys (global arrays, B = global batch): ``image [B, H, W, 1]``, ``boxes [B, N, 4]``,
+``box_mask [B, N]``, ``labels [B, C]``, ``valid [B]``, ``index [B]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from anatomix_jax import losses
+from anatomix_jax.train.state import TrainState
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_cfg: Any,
+                    extra_terms: Mapping[str, tuple[float, losses.LossTerm]] | None = None
+                    ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+  """Builds the pure training step.
+
+  A step whose loss or gradient is not finite leaves params and optimizer state unchanged (the
+  step counter still advances, keeping data and dropout streams aligned) and reports
+  ``nonfinite = 1``; the loop stops with an error on it, so a NaN never reaches a checkpoint.
+  """
+  def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
+    dropout_rng = jax.random.fold_in(rng, state.step)
+
+    def loss_fn(params):
+      outputs = model.apply({"params": params, "batch_stats": state.consts}, batch["image"],
+                            train=True, rngs={"dropout": dropout_rng})
+      return losses.stage1_losses(outputs, batch, loss_cfg, extra_terms)
+
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state))
+    metrics = {**parts, "grad_norm": grad_norm, "nonfinite": 1 - finite.astype(jnp.int32)}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module, loss_cfg: Any) -> Callable[[TrainState, dict], tuple[dict, dict]]:
+  """Builds the pure evaluation step: predictions for metrics plus the loss parts of the batch."""
+  def eval_step(state: TrainState, batch: dict) -> tuple[dict, dict]:
+    outputs = model.apply({"params": state.params, "batch_stats": state.consts}, batch["image"],
+                          train=False)
+    _, parts = losses.stage1_losses(outputs, batch, loss_cfg)
+    return {"boxes": outputs["boxes"], "image_logits": outputs["image_logits"]}, parts
+
+  return eval_step
+
+
+def jit_train_step(train_step: Callable, state_shardings: Any, batch_sharding: NamedSharding,
+                   mesh: Mesh) -> Callable:
+  """``jax.jit`` with explicit in/out shardings and the state donated (pjit)."""
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding, replicated),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def jit_eval_step(eval_step: Callable, state_shardings: Any, batch_sharding: NamedSharding) -> Callable:
+  """``jax.jit`` of the eval step; outputs keep the batch sharding, nothing is donated."""
+  replicated = NamedSharding(batch_sharding.mesh, P())
+  return jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(batch_sharding, replicated))
