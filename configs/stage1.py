@@ -32,7 +32,9 @@ def get_config(arg=None):
   c.data.num_workers = 2            # Grain worker processes (0: in the main process)
   c.data.skip_bad = False           # True: undecodable records are skipped and counted, not fatal
   c.data.augment = ml_collections.ConfigDict(dict(
-      enabled=True, degrees=15.0, translate=0.1, scale_min=0.9, scale_max=1.1, hflip_prob=0.3))
+      enabled=True, degrees=15.0, translate=0.1, scale_min=0.9, scale_max=1.1, hflip_prob=0.3,
+      interpolation="nearest",  # torchvision RandomAffine's default (the reference); or "bilinear"
+  ))
 
   # --- model (REFERENCE.md §1.2) --------------------------------------------------------------
   c.model = ml_collections.ConfigDict(dict(

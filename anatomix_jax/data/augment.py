@@ -21,10 +21,10 @@ reproduces torchvision's geometry without depending on torchvision:
   mirrored position — exactly what the reference does.
 
 Differences from the reference, on purpose: the image is resampled bilinearly (torchvision's
-``RandomAffine`` default is nearest-neighbour; pass ``interpolation="nearest"`` for parity). Rows are
-never dropped: anatomies absent from the scene graph keep their row and a ``present`` mask is
-threaded through; a present box that is clamped to zero area (moved entirely off the image) is
-reported by turning its ``present`` entry off, so the caller can mask it out of the losses.
+``RandomAffine`` default is nearest-neighbour; pass ``interpolation="nearest"`` for parity).
+Rows are never dropped: anatomies absent from the scene graph keep their row and a ``present``
+mask is threaded through; a present box that is clamped to zero area (moved entirely off the
+image) is reported by turning its ``present`` entry off, so the caller can mask it out of losses.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ _INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
 
 
 def config_value(cfg: Any, key: str) -> Any:
-  """Reads ``key`` from a dict, a ConfigDict or any attribute object, else :data:`DEFAULT_AUGMENT`."""
+  """``cfg[key]`` from a dict, ConfigDict or attribute object; else :data:`DEFAULT_AUGMENT`."""
   if cfg is None:
     return DEFAULT_AUGMENT[key]
   if isinstance(cfg, Mapping):

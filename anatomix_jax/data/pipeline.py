@@ -17,6 +17,14 @@ Training (``train=True``)::
 * ``mp_prefetch`` slices the batched MapDataset over the workers and interleaves them round-robin,
   so the batches are identical with 0 or N workers. Iterator ``get_state``/``set_state`` restore
   the exact following batches in both cases (with workers the state holds each worker's position).
+  Save it with Orbax as ``grain.checkpoint.CheckpointSave(iterator)`` inside a Composite. The
+  state's structure depends on ``num_workers``: resume with the worker count it was saved with.
+* Resources: Grain's default ``ReadOptions`` (16 threads, 500-element buffer) would buffer 500
+  BATCHES (16 GB at 1024², b=8); here ``read_threads``/``prefetch_buffer_size`` default to 2.
+  With workers, call ``iterator.close()`` when done: it unlinks the batches still waiting in
+  shared memory (else Python warns about leaked shared_memory objects at exit). Worker processes
+  are spawned: the calling script needs an ``if __name__ == "__main__"`` guard and parsed absl
+  flags (``absl.app.run`` or ``flags.FLAGS.mark_as_parsed()``).
 
 Evaluation (``train=False``): no shuffle or augmentation, one pass. The split is padded with
 placeholder rows (``valid = 0``, ``index = −1``) up to ``num_batches · P · b`` and batched by
@@ -26,14 +34,12 @@ and every record is seen exactly once.
 
 Batches are dicts of NumPy arrays (``b`` = per-host batch, ``S`` = ``image_size``):
 
-  ========  ==============  ============================================================
-  image     float32 [b,S,S,1]  in [0, 1]
-  boxes     float32 [b,36,4]   normalized cxcywh (xyxy on the canvas ÷ canvas); 0 for absent
-  box_mask  float32 [b,36]     1 = anatomy present AND box non-degenerate after augmentation
-  labels    float32 [b,14]     CheXpert labels
-  index     int32 [b]          record index within the split; −1 for eval padding
-  valid     float32 [b]        0 for eval padding and for skipped corrupt records
-  ========  ==============  ============================================================
+* ``image``    float32 ``[b, S, S, 1]`` in [0, 1];
+* ``boxes``    float32 ``[b, 36, 4]`` normalized cxcywh (xyxy on the canvas ÷ canvas); 0 if absent;
+* ``box_mask`` float32 ``[b, 36]``: 1 = anatomy present AND box non-degenerate after augmentation;
+* ``labels``   float32 ``[b, 14]`` CheXpert labels;
+* ``index``    int32 ``[b]``: record index within the split; −1 for eval padding;
+* ``valid``    float32 ``[b]``: 0 for eval padding and for skipped corrupt records.
 
 Corrupt records (bad msgpack, undecodable or non-square PNG) raise :class:`records.RecordError`
 naming the split, record index and id. With ``skip_bad=True`` such a record becomes a
@@ -204,7 +210,13 @@ def _augment_dict(augment: Any) -> dict[str, Any] | None:
   """ConfigDict/dict/None → a plain picklable dict (None when augmentation is off)."""
   if augment is None or not augment_lib.config_value(augment, "enabled"):
     return None
-  return {k: augment_lib.config_value(augment, k) for k in augment_lib.DEFAULT_AUGMENT}
+  cfg = {k: augment_lib.config_value(augment, k) for k in augment_lib.DEFAULT_AUGMENT}
+  # Fail here, in the calling process, rather than in a worker on the first example.
+  if (cfg["degrees"] < 0 or not 0 <= cfg["translate"] <= 1 or not 0 <= cfg["hflip_prob"] <= 1
+      or not 0 < cfg["scale_min"] <= cfg["scale_max"]
+      or cfg["interpolation"] not in ("bilinear", "nearest")):
+    raise ValueError(f"invalid augmentation config {cfg}")
+  return cfg
 
 
 def _derived_seed(seed: int, salt: int) -> int:
