@@ -41,7 +41,11 @@ class ImageError(ValueError):
   def __init__(self, path: str, problem: str, reason: str = "unreadable_image"):
     super().__init__(f"{path}: {problem}")
     self.path = path
+    self.problem = problem
     self.reason = reason
+
+  def __reduce__(self):  # picklable, so pool workers can hand it back to the parent
+    return ImageError, (self.path, self.problem, self.reason)
 
 
 def _is_16bit_png(data: bytes) -> bool:
@@ -207,6 +211,36 @@ def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, LetterboxTransf
   return padded, transform
 
 
+def minmax_stretch(image: np.ndarray) -> np.ndarray:
+  """The intensity stretch the reference applies when it saves letterboxed images.
+
+  The reference writes each letterboxed image with ``plt.imsave(path, image, cmap="gray")``, which
+  normalises to the image's own [min, max] and maps through matplotlib's 256-entry grey lookup table
+  (``floor(norm * 256)``, clipped, then ``(linspace(0, 1, 256) * 255).astype(uint8)``); its loader
+  reads the result back with ``convert("L")``. This reproduces that mapping.
+
+  Args:
+    image: ``[H, W]`` uint8 or float array.
+
+  Returns:
+    ``[H, W]`` uint8.
+  """
+  low, high = float(image.min()), float(image.max())
+  if high <= low:  # matplotlib maps a constant image to the bottom of the colour map
+    return np.zeros(image.shape, np.uint8)
+
+  def stretch(values: np.ndarray) -> np.ndarray:
+    norm = (values.astype(np.float32) - np.float32(low)) / np.float32(high - low)
+    return _GREY_LUT[np.clip((norm * np.float32(256)).astype(np.int64), 0, 255)]
+
+  if image.dtype == np.uint8:  # the same arithmetic on the 256 possible values, then a lookup
+    return cv2.LUT(image, stretch(np.arange(256)))
+  return stretch(image)
+
+
+_GREY_LUT = (np.linspace(0.0, 1.0, 256) * 255).astype(np.uint8)
+
+
 def map_boxes(boxes: np.ndarray, transform: LetterboxTransform,
               target_size: float | None = None) -> np.ndarray:
   """Original-pixel xyxy boxes ``[..., 4]`` → float64 xyxy in the ``target_size`` letterboxed frame."""
@@ -217,7 +251,9 @@ def encode_png(image: np.ndarray, compression: int = 1) -> bytes:
   """PNG-encodes a ``[H, W]`` uint8 image (``compression`` 0–9; 1 is fast and still lossless)."""
   if image.dtype != np.uint8 or image.ndim != 2:
     raise ValueError(f"encode_png expects a [H, W] uint8 image, got {image.dtype} {image.shape}")
-  ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, compression])
+  # Run-length strategy: as fast as the default at level 1 and ~20% smaller on radiographs.
+  ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, compression,
+                                         cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
   if not ok:
     raise ValueError("PNG encoding failed")
   return buf.tobytes()

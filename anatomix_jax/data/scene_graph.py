@@ -53,14 +53,19 @@ class SceneGraphError(ValueError):
     path: the scene-graph file (or a description of the source).
     field: the offending field, e.g. ``objects[3].x2``.
     reason: short cause for skip counts: ``bad_json``, ``missing_field``, ``bad_coordinates``,
-      ``unknown_anatomy``, ``degenerate_box``, ``box_outside``, ``size_mismatch``.
+      ``unknown_anatomy``, ``degenerate_box``, ``box_outside``, ``size_mismatch``,
+      ``missing_scene_graph``.
   """
 
   def __init__(self, path: str, field: str, problem: str, reason: str):
     super().__init__(f"{path}: field {field!r}: {problem}")
     self.path = path
     self.field = field
+    self.problem = problem
     self.reason = reason
+
+  def __reduce__(self):  # picklable, so pool workers can hand it back to the parent
+    return SceneGraphError, (self.path, self.field, self.problem, self.reason)
 
 
 @dataclasses.dataclass(frozen=True)
