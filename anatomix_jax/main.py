@@ -8,6 +8,7 @@ single machine skips it.
 
 from __future__ import annotations
 
+import logging as py_logging
 import os
 
 from absl import app, flags, logging
@@ -33,9 +34,17 @@ def _multi_process_requested() -> bool:
   return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # a multi-host TPU slice
 
 
+class _QuietLibraries(py_logging.Filter):
+  """Drops INFO chatter of Orbax (dozens of lines per checkpoint); warnings and errors pass."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=import-outside-toplevel
 
   if _multi_process_requested():

@@ -159,8 +159,8 @@ def check_images(images: Array) -> None:
   if len(shape) != 4 or shape[-1] != 1:
     raise ValueError(f"APM expects grayscale images [B, H, W, 1], got shape {shape}")
   if shape[1] % STRIDE or shape[2] % STRIDE or shape[1] == 0 or shape[2] == 0:
-    raise ValueError(
-        f"APM image height and width must be positive multiples of {STRIDE}, got {shape[1]}×{shape[2]}")
+    raise ValueError(f"APM image height and width must be positive multiples of {STRIDE}, "
+                     f"got {shape[1]}×{shape[2]}")
   if not jnp.issubdtype(images.dtype, jnp.floating):
     raise TypeError(f"APM expects float images in [0, 1], got dtype {images.dtype}")
 

@@ -118,6 +118,50 @@ def sine_position_encoding(height: int, width: int, dim: int, temperature: float
 
 # --- Attention ------------------------------------------------------------------------------------
 
+class HeadsProjection(nn.Module):
+  """[B, L, D] → [B, L, heads, d_head] (one of torch's packed q/k/v projections, split by head).
+
+  Parameters are declared directly rather than through ``nn.DenseGeneral``, whose flattening init
+  would apply a 3-axis logical constraint to a 2-D array under a mesh.
+  """
+
+  num_heads: int
+  head_dim: int
+  kernel_init: nn.initializers.Initializer
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """float[B, L, D] → float[B, L, heads, d_head]."""
+    shape = (x.shape[-1], self.num_heads, self.head_dim)
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init,
+                                                               ("embed", "heads", "kv")),
+                        shape, jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                           ("heads", "kv")), shape[1:], jnp.float32)
+    y = jnp.einsum("bld,dhk->blhk", x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
+
+
+class HeadsMerge(nn.Module):
+  """[B, L, heads, d_head] → [B, L, D] (torch's ``out_proj`` over the concatenated heads)."""
+
+  features: int
+  kernel_init: nn.initializers.Initializer
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """float[B, L, heads, d_head] → float[B, L, D]."""
+    shape = (x.shape[-2], x.shape[-1], self.features)
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init,
+                                                               ("heads", "kv", "embed")),
+                        shape, jnp.float32)
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",))
+    bias = self.param("bias", bias_init, (self.features,), jnp.float32)
+    return jnp.einsum("blhk,hkd->bld", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
 class MultiHeadAttention(nn.Module):
   """``torch.nn.MultiheadAttention`` (batch-first, no masks) with split q/k/v parameters.
 
@@ -142,14 +186,8 @@ class MultiHeadAttention(nn.Module):
     head_dim = d_model // self.num_heads
     # torch initialises the packed [3D, D] in_proj with xavier: fans (D, 3D); biases are zero.
     in_init = uniform_init(xavier_bound(d_model, 3 * d_model))
-    zeros = nn.initializers.zeros_init()
-
-    def project(x, name):
-      return nn.DenseGeneral(
-          (self.num_heads, head_dim), dtype=self.dtype, param_dtype=jnp.float32,
-          kernel_init=nn.with_logical_partitioning(in_init, ("embed", "heads", "kv")),
-          bias_init=nn.with_logical_partitioning(zeros, ("heads", "kv")), name=name)(x)
-
+    project = lambda x, name: HeadsProjection(  # noqa: E731
+        self.num_heads, head_dim, in_init, self.dtype, name=name)(x)
     q = project(query, "query") * jnp.asarray(head_dim ** -0.5, self.dtype)  # [B, Lq, h, d]
     k = project(key, "key")
     v = project(value, "value")
@@ -159,10 +197,7 @@ class MultiHeadAttention(nn.Module):
       weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
     heads = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     out_init = self.out_kernel_init or torch_linear_init(d_model)
-    return nn.DenseGeneral(
-        d_model, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(out_init, ("heads", "kv", "embed")),
-        bias_init=nn.with_logical_partitioning(zeros, ("embed",)), name="out")(heads)
+    return HeadsMerge(d_model, out_init, self.dtype, name="out")(heads)
 
 
 # --- Layers ---------------------------------------------------------------------------------------
@@ -292,9 +327,8 @@ class TransformerWithCLS(nn.Module):
     encoder_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if self.remat else EncoderLayer
     decoder_cls = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat else DecoderLayer
 
-    x = jnp.concatenate(
-        [jnp.broadcast_to(cls_token.astype(self.dtype), (batch, 1, d_model)), src.astype(self.dtype)],
-        axis=1)
+    cls_tokens = jnp.broadcast_to(cls_token.astype(self.dtype), (batch, 1, d_model))
+    x = jnp.concatenate([cls_tokens, src.astype(self.dtype)], axis=1)
     x = nn.with_logical_constraint(x, TOKEN_AXES)
     enc_pos = jnp.concatenate([cls_pos.astype(self.dtype), pos], axis=1)
     for i in range(self.enc_layers):

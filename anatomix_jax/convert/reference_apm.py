@@ -1,0 +1,427 @@
+"""Declarative conversion between the reference PyTorch APM state dict and our (params, batch_stats).
+
+The reference's ``VisionModel.state_dict()`` keys (``tests/data/reference_apm_state_dict.txt``; an
+``APMModel`` checkpoint prefixes them with ``vis_model.``) map one-to-one onto our leaves through a
+NAME TABLE (``name_table(config)``: one ``Rule`` per torch key) and a handful of per-kind TENSOR
+TRANSFORMS (``TRANSFORMS``):
+
+  ``conv``            OIHW → HWIO
+  ``linear``          [out, in] → [in, out]
+  ``in_proj_weight``  packed [3D, D] → q, k, v kernels [D, heads, d_head] (head-major features)
+  ``in_proj_bias``    packed [3D] → q, k, v biases [heads, d_head]
+  ``out_proj_weight`` [D, D] → [heads, d_head, D]
+  ``copy``            unchanged (biases, LayerNorm, embeddings, CLS token, BN buffers)
+
+The BN buffers (``weight``, ``bias``, ``running_mean``, ``running_var``) go to ``batch_stats``
+(``scale``, ``bias``, ``mean``, ``var``). ``num_batches_tracked`` entries are ignored, as the
+reference's FrozenBatchNorm2d ignores them.
+
+Frozen parameters: the reference trains with the ResNet layer1 convolutions frozen at their init;
+ours are the params under ``backbone/layer1_*`` (``is_reference_frozen``,
+``reference_trainable_mask``, ``FROZEN_PARAM_REGEX``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pickle
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anatomix_jax.models.apm import APM, APMConfig
+
+Path = tuple[str, ...]
+VISION_PREFIX = "vis_model."
+TEXT_PREFIX = "text_model."
+IGNORED_SUFFIX = ".num_batches_tracked"
+# '/'-joined param paths the reference keeps frozen (its layer1 convolutions).
+FROZEN_PARAM_REGEX = r"^backbone/layer1_"
+
+
+# --- Tensor transforms ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """How one torch tensor becomes one or more of our leaves, and back.
+
+  Attributes:
+    to_flax: (torch tensor, heads) → our arrays, in the order of ``Rule.paths``.
+    to_torch: (our arrays, heads) → the torch tensor.
+    torch_shape: (our shapes, heads) → the torch shape, without touching data.
+  """
+
+  to_flax: Callable[[np.ndarray, int], tuple[np.ndarray, ...]]
+  to_torch: Callable[[Sequence[np.ndarray], int], np.ndarray]
+  torch_shape: Callable[[Sequence[tuple[int, ...]], int], tuple[int, ...]]
+
+
+def _split_heads(w: np.ndarray, heads: int) -> np.ndarray:  # torch [D_out, D_in] → [D_in, h, d]
+  return w.T.reshape(w.shape[1], heads, w.shape[0] // heads)
+
+
+TRANSFORMS: dict[str, Transform] = {
+    "copy": Transform(
+        to_flax=lambda t, h: (t,),
+        to_torch=lambda a, h: a[0],
+        torch_shape=lambda s, h: tuple(s[0])),
+    "conv": Transform(
+        to_flax=lambda t, h: (t.transpose(2, 3, 1, 0),),
+        to_torch=lambda a, h: a[0].transpose(3, 2, 0, 1),
+        torch_shape=lambda s, h: (s[0][3], s[0][2], s[0][0], s[0][1])),
+    "linear": Transform(
+        to_flax=lambda t, h: (t.T,),
+        to_torch=lambda a, h: a[0].T,
+        torch_shape=lambda s, h: (s[0][1], s[0][0])),
+    "in_proj_weight": Transform(
+        to_flax=lambda t, h: tuple(_split_heads(w, h) for w in np.split(t, 3, axis=0)),
+        to_torch=lambda a, h: np.concatenate([k.reshape(k.shape[0], -1).T for k in a], axis=0),
+        torch_shape=lambda s, h: (sum(x[1] * x[2] for x in s), s[0][0])),
+    "in_proj_bias": Transform(
+        to_flax=lambda t, h: tuple(b.reshape(h, -1) for b in np.split(t, 3)),
+        to_torch=lambda a, h: np.concatenate([b.reshape(-1) for b in a]),
+        torch_shape=lambda s, h: (sum(x[0] * x[1] for x in s),)),
+    "out_proj_weight": Transform(
+        to_flax=lambda t, h: (t.T.reshape(h, t.shape[1] // h, t.shape[0]),),
+        to_torch=lambda a, h: a[0].reshape(-1, a[0].shape[-1]).T,
+        torch_shape=lambda s, h: (s[0][2], s[0][0] * s[0][1])),
+}
+
+
+# --- Name table -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One torch key ↔ one or more of our leaves.
+
+  Attributes:
+    torch_key: the reference state-dict key (without ``vis_model.``).
+    collection: ``"params"`` or ``"batch_stats"``.
+    paths: our leaf paths inside the collection (three for a packed attention in_proj).
+    kind: a ``TRANSFORMS`` key.
+    heads: attention heads (attention transforms only).
+  """
+
+  torch_key: str
+  collection: str
+  paths: tuple[Path, ...]
+  kind: str
+  heads: int = 0
+
+  @property
+  def reference_kind(self) -> str:
+    """The reference's kind of the tensor: ``trainable``, ``frozen`` or ``buffer``."""
+    if self.collection == "batch_stats":
+      return "buffer"
+    return "frozen" if is_reference_frozen(self.paths[0]) else "trainable"
+
+
+def is_reference_frozen(path: Sequence[str]) -> bool:
+  """Whether our param at ``path`` (tuple of names, or '/'-joined) is frozen in the reference."""
+  joined = path if isinstance(path, str) else "/".join(str(p) for p in path)
+  return re.search(FROZEN_PARAM_REGEX, joined) is not None
+
+
+def reference_trainable_mask(params: Any) -> Any:
+  """A pytree of bools like ``params``: False for the reference's frozen params (layer1 convs).
+
+  Works on boxed or unboxed trees, concrete or abstract. Use it with ``optax.masked`` /
+  ``optax.multi_transform`` to freeze them.
+  """
+  params = nn.unbox(params)
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, _: not is_reference_frozen(tuple(getattr(k, "key", k) for k in kp)), params)
+
+
+def _linear(rules: list[Rule], torch_prefix: str, path: Path) -> None:
+  rules.append(Rule(f"{torch_prefix}.weight", "params", (path + ("kernel",),), "linear"))
+  rules.append(Rule(f"{torch_prefix}.bias", "params", (path + ("bias",),), "copy"))
+
+
+def _layer_norm(rules: list[Rule], torch_prefix: str, path: Path) -> None:
+  rules.append(Rule(f"{torch_prefix}.weight", "params", (path + ("scale",),), "copy"))
+  rules.append(Rule(f"{torch_prefix}.bias", "params", (path + ("bias",),), "copy"))
+
+
+def _attention(rules: list[Rule], torch_prefix: str, path: Path, heads: int) -> None:
+  qkv = ("query", "key", "value")
+  rules.append(Rule(f"{torch_prefix}.in_proj_weight", "params",
+                    tuple(path + (n, "kernel") for n in qkv), "in_proj_weight", heads))
+  rules.append(Rule(f"{torch_prefix}.in_proj_bias", "params",
+                    tuple(path + (n, "bias") for n in qkv), "in_proj_bias", heads))
+  rules.append(Rule(f"{torch_prefix}.out_proj.weight", "params", (path + ("out", "kernel"),),
+                    "out_proj_weight", heads))
+  rules.append(Rule(f"{torch_prefix}.out_proj.bias", "params", (path + ("out", "bias"),), "copy"))
+
+
+def _conv_bn(rules: list[Rule], conv_key: str, conv_path: Path, bn_key: str, bn_path: Path) -> None:
+  rules.append(Rule(conv_key, "params", (conv_path + ("kernel",),), "conv"))
+  for torch_name, ours in (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"),
+                           ("running_var", "var")):
+    rules.append(Rule(f"{bn_key}.{torch_name}", "batch_stats", (bn_path + (ours,),), "copy"))
+
+
+@functools.lru_cache(maxsize=16)
+def name_table(config: APMConfig) -> tuple[Rule, ...]:
+  """The full torch-key ↔ leaf table for ``config``, in the reference's state-dict order."""
+  rules: list[Rule] = []
+  rules += [Rule("transformer.cls_token", "params", (("transformer", "cls_token"),), "copy"),
+            Rule("transformer.cls_pos", "params", (("transformer", "cls_pos"),), "copy")]
+  for i in range(config.enc_layers):
+    tk, fp = f"transformer.encoder.layers.{i}", ("transformer", f"encoder_layer_{i}")
+    _attention(rules, f"{tk}.self_attn", fp + ("self_attn",), config.num_heads)
+    _linear(rules, f"{tk}.linear1", fp + ("ffn", "linear1"))
+    _linear(rules, f"{tk}.linear2", fp + ("ffn", "linear2"))
+    for n in (1, 2):
+      _layer_norm(rules, f"{tk}.norm{n}", fp + (f"norm{n}",))
+  for i in range(config.dec_layers):
+    tk, fp = f"transformer.decoder.layers.{i}", ("transformer", f"decoder_layer_{i}")
+    _attention(rules, f"{tk}.self_attn", fp + ("self_attn",), config.num_heads)
+    _attention(rules, f"{tk}.multihead_attn", fp + ("cross_attn",), config.num_heads)
+    _linear(rules, f"{tk}.linear1", fp + ("ffn", "linear1"))
+    _linear(rules, f"{tk}.linear2", fp + ("ffn", "linear2"))
+    for n in (1, 2, 3):
+      _layer_norm(rules, f"{tk}.norm{n}", fp + (f"norm{n}",))
+  _layer_norm(rules, "transformer.decoder.norm", ("transformer", "decoder_norm"))
+  _linear(rules, "image_class_embed", ("image_class_embed",))
+  _attention(rules, "anat_obj_embs.mha", ("anat_obj_embs", "mha"), config.obj_heads)
+  _linear(rules, "anat_obj_embs.linear", ("anat_obj_embs", "linear"))
+  for i in range(3):
+    _linear(rules, f"bbox_embed.layers.{i}", ("bbox_embed", f"layers_{i}"))
+  rules.append(Rule("query_embed.weight", "params", (("query_embed",),), "copy"))
+  rules.append(Rule("input_proj.weight", "params", (("input_proj", "kernel"),), "conv"))
+  rules.append(Rule("input_proj.bias", "params", (("input_proj", "bias"),), "copy"))
+  body = "backbone.0.body"
+  _conv_bn(rules, f"{body}.conv1.weight", ("backbone", "conv1"), f"{body}.bn1", ("backbone", "bn1"))
+  for stage, depth in enumerate(config.depths, start=1):
+    for block in range(depth):
+      tk, fp = f"{body}.layer{stage}.{block}", ("backbone", f"layer{stage}_{block}")
+      for n in (1, 2, 3):
+        _conv_bn(rules, f"{tk}.conv{n}.weight", fp + (f"conv{n}",), f"{tk}.bn{n}", fp + (f"bn{n}",))
+      if block == 0:  # every stage's first block has a projection shortcut (see models/resnet.py)
+        _conv_bn(rules, f"{tk}.downsample.0.weight", fp + ("downsample_conv",),
+                 f"{tk}.downsample.1", fp + ("downsample_bn",))
+  return tuple(rules)
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_variables(config: APMConfig) -> dict[str, Any]:
+  """Our variable shapes for ``config`` (unboxed ShapeDtypeStructs; nothing is allocated)."""
+  images = jax.ShapeDtypeStruct((1, 32, 32, 1), jnp.float32)
+  variables = jax.eval_shape(APM(config).init, jax.random.key(0), images)
+  return nn.unbox(dict(variables))
+
+
+def _get(tree: Mapping[str, Any], path: Path) -> Any:
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
+def _set(tree: dict[str, Any], path: Path, value: Any) -> None:
+  for name in path[:-1]:
+    tree = tree.setdefault(name, {})
+  tree[path[-1]] = value
+
+
+def _leaf_paths(tree: Any) -> set[Path]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {tuple(str(getattr(k, "key", k)) for k in kp) for kp, _ in flat}
+
+
+def _shape_list(keys: Sequence[str], limit: int = 8) -> str:
+  keys = sorted(keys)
+  more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
+  return ", ".join(keys[:limit]) + more
+
+
+def _as_config(config: APMConfig | Mapping[str, Any]) -> APMConfig:
+  return config if isinstance(config, APMConfig) else APMConfig.from_config(config)
+
+
+def expected_torch_shapes(config: APMConfig) -> dict[str, tuple[int, ...]]:
+  """torch key → shape the reference has at ``config``."""
+  config = _as_config(config)
+  variables = abstract_variables(config)
+  return {
+      rule.torch_key: TRANSFORMS[rule.kind].torch_shape(
+          [tuple(_get(variables[rule.collection], p).shape) for p in rule.paths], rule.heads)
+      for rule in name_table(config)
+  }
+
+
+def _select_vision_keys(state: Mapping[str, Any], source: str) -> dict[str, Any]:
+  """Strips ``vis_model.``; drops the text model's and ``num_batches_tracked`` entries."""
+  keys = list(state)
+  prefixed = any(k.startswith(VISION_PREFIX) for k in keys)
+  out = {}
+  for key in keys:
+    if key.endswith(IGNORED_SUFFIX):
+      continue
+    if prefixed:
+      if key.startswith(TEXT_PREFIX):
+        continue  # the APMModel's text encoder: not part of the vision model
+      if not key.startswith(VISION_PREFIX):
+        raise ValueError(f"{source}: unexpected key {key!r} beside '{VISION_PREFIX}*' entries")
+      out[key[len(VISION_PREFIX):]] = state[key]
+    else:
+      out[key] = state[key]
+  return out
+
+
+def from_torch_state_dict(state: Mapping[str, Any], config: APMConfig | Mapping[str, Any], *,
+                          source: str = "state dict") -> tuple[dict[str, Any], dict[str, Any]]:
+  """Converts a reference state dict to our ``(params, batch_stats)`` (float32 NumPy arrays).
+
+  Args:
+    state: torch key → array (NumPy, or anything ``np.asarray`` accepts); keys may carry the
+      ``vis_model.`` prefix of an ``APMModel`` checkpoint (then ``text_model.*`` is ignored).
+    config: the APM config the checkpoint was trained with.
+    source: a name for error messages (e.g. the file path).
+
+  Returns:
+    ``(params, batch_stats)`` nested dicts, ready for ``APM(config).apply``.
+
+  Raises:
+    ValueError: naming every missing or unexpected key, or the first tensor of the wrong shape.
+  """
+  config = _as_config(config)
+  state = _select_vision_keys(state, source)
+  table = name_table(config)
+  expected = expected_torch_shapes(config)
+  missing = [r.torch_key for r in table if r.torch_key not in state]
+  unexpected = [k for k in state if k not in expected]
+  if missing or unexpected:
+    parts = []
+    if missing:
+      parts.append(f"missing keys: {_shape_list(missing)}")
+    if unexpected:
+      parts.append(f"unexpected keys: {_shape_list(unexpected)}")
+    raise ValueError(f"{source}: does not match the APM at {config}: " + "; ".join(parts))
+  out: dict[str, dict[str, Any]] = {"params": {}, "batch_stats": {}}
+  for rule in table:
+    tensor = np.asarray(state[rule.torch_key])
+    if tuple(tensor.shape) != expected[rule.torch_key]:
+      raise ValueError(f"{source}: {rule.torch_key} has shape {tuple(tensor.shape)}, expected "
+                       f"{expected[rule.torch_key]} for {config}")
+    arrays = TRANSFORMS[rule.kind].to_flax(tensor.astype(np.float32), rule.heads)
+    for path, array in zip(rule.paths, arrays):
+      _set(out[rule.collection], path, np.ascontiguousarray(array))
+  return out["params"], out["batch_stats"]
+
+
+def to_torch_state_dict(params: Any, batch_stats: Any,
+                        config: APMConfig | Mapping[str, Any]) -> dict[str, Any]:
+  """Converts our ``(params, batch_stats)`` to the reference's state dict (no ``vis_model.``).
+
+  Args:
+    params: our params (boxed or unboxed; JAX or NumPy arrays, or ShapeDtypeStructs).
+    batch_stats: our BN constants, likewise.
+    config: the APM config.
+
+  Returns:
+    torch key → NumPy array in the reference's layout (``jax.ShapeDtypeStruct`` for abstract
+    input), in the reference's key order.
+
+  Raises:
+    ValueError: naming missing or unexpected leaves of ``params``/``batch_stats``.
+  """
+  config = _as_config(config)
+  trees = {"params": nn.unbox(params), "batch_stats": nn.unbox(batch_stats)}
+  table = name_table(config)
+  for collection, tree in trees.items():
+    wanted = {p for r in table if r.collection == collection for p in r.paths}
+    have = _leaf_paths(tree)
+    missing, extra = wanted - have, have - wanted
+    if missing or extra:
+      fmt = lambda paths: _shape_list(["/".join(p) for p in paths])  # noqa: E731
+      raise ValueError(f"{collection} do not match the APM at {config}: "
+                       + (f"missing {fmt(missing)}; " if missing else "")
+                       + (f"unexpected {fmt(extra)}" if extra else ""))
+  out = {}
+  for rule in table:
+    leaves = [_get(trees[rule.collection], p) for p in rule.paths]
+    transform = TRANSFORMS[rule.kind]
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+      shape = transform.torch_shape([tuple(x.shape) for x in leaves], rule.heads)
+      out[rule.torch_key] = jax.ShapeDtypeStruct(shape, leaves[0].dtype)
+    else:
+      tensor = transform.to_torch([np.asarray(x) for x in leaves], rule.heads)
+      out[rule.torch_key] = np.ascontiguousarray(tensor)
+  return out
+
+
+def _read_torch_file(path: str) -> Any:
+  try:
+    import torch  # noqa: PLC0415 (optional dependency)
+  except ImportError as err:
+    raise ValueError(f"{path}: reading a PyTorch checkpoint needs torch; install it or convert the "
+                     "file to safetensors") from err
+  try:
+    return torch.load(path, weights_only=True, map_location="cpu")
+  except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as err:
+    raise ValueError(
+        f"{path}: cannot be read with torch.load(weights_only=True) (it holds non-tensor objects, "
+        "e.g. the reference's training checkpoints store 'args'). In an environment you trust, "
+        "re-save only the weights, e.g. torch.save(torch.load(p, weights_only=False)['model'], out), "
+        f"or save them as safetensors. ({type(err).__name__}: {err})") from err
+
+
+def _read_safetensors(path: str) -> dict[str, Any]:
+  from safetensors import safe_open  # noqa: PLC0415
+  try:
+    with safe_open(path, framework="numpy") as f:
+      return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+  except Exception as err:  # noqa: BLE001 (the library raises several kinds)
+    numpy_error = err
+  try:  # bfloat16 tensors have no NumPy dtype: read them through torch when it is installed
+    with safe_open(path, framework="pt") as f:
+      return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+  except Exception:  # noqa: BLE001
+    raise ValueError(f"{path}: not a readable safetensors file ({numpy_error})") from numpy_error
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+  if hasattr(value, "detach"):  # a torch tensor; NumPy has no bfloat16, so widen first
+    value = value.detach().cpu()
+    if not value.is_floating_point() or value.element_size() < 4:
+      value = value.float()
+    return value.numpy()
+  return np.asarray(value)
+
+
+def load_reference_checkpoint(path: str | os.PathLike, config: APMConfig | Mapping[str, Any]
+                              ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Reads a reference APM checkpoint file and converts it (see ``from_torch_state_dict``).
+
+  Args:
+    path: a ``.safetensors`` file, or a PyTorch file (read with ``torch.load(weights_only=True)``,
+      never plain pickle) holding a state dict or a dict with a ``model``/``state_dict`` entry.
+    config: the APM config of the checkpoint.
+
+  Returns:
+    ``(params, batch_stats)``.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such checkpoint file")
+  if path.endswith(".safetensors"):
+    state = _read_safetensors(path)
+  else:
+    state = _read_torch_file(path)
+    if isinstance(state, Mapping):
+      for entry in ("model", "state_dict"):
+        if isinstance(state.get(entry), Mapping):
+          state = state[entry]
+          break
+    if not isinstance(state, Mapping):
+      raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+  state = {k: _to_numpy(v) for k, v in state.items()}
+  return from_torch_state_dict(state, config, source=path)
