@@ -187,14 +187,14 @@ def _draw_parenchyma(c: _Canvas, g: Geometry, f: Findings, masks, rng) -> None:
   if f.opacity is not None:
     side, zone = f.opacity
     blob = c.blur(c.ellipse_mask(_zone_centre(g, side, zone, rng), (0.34, 0.24)), 0.07)
-    c.add(cv2.bitwise_and(blob, _zone_mask(c, g, side, zone, masks)), 0.22)
+    c.add(cv2.bitwise_and(blob, _zone_mask(c, g, side, zone, masks)), 0.3)
   if f.pneumonia is not None:
     side, zone = f.pneumonia
     patches = c.mask()
     centre = _zone_centre(g, side, zone, rng)
-    for _ in range(int(rng.integers(4, 8))):
-      c.ellipse_mask(centre + rng.normal(0, [0.14, 0.08]), rng.uniform(0.05, 0.11, 2), patches)
-    c.add(cv2.bitwise_and(c.blur(patches, 0.03), _zone_mask(c, g, side, zone, masks)), 0.26)
+    for _ in range(int(rng.integers(6, 10))):
+      c.ellipse_mask(centre + rng.normal(0, [0.14, 0.08]), rng.uniform(0.08, 0.15, 2), patches)
+    c.add(cv2.bitwise_and(c.blur(patches, 0.03), _zone_mask(c, g, side, zone, masks)), 0.36)
   if f.consolidation is not None:
     side, zone = f.consolidation
     zone_mask = _zone_mask(c, g, side, zone, masks)
@@ -218,8 +218,8 @@ def _draw_parenchyma(c: _Canvas, g: Geometry, f: Findings, masks, rng) -> None:
   if f.nodule is not None:
     side, zone = f.nodule
     nodule = c.blur(c.ellipse_mask(_zone_centre(g, side, zone, rng),
-                                   (r := rng.uniform(0.05, 0.085), r)), 0.008)
-    c.add(cv2.bitwise_and(nodule, masks[f"lung{side}"]), 0.36)
+                                   (r := rng.uniform(0.09, 0.14), r)), 0.008)
+    c.add(cv2.bitwise_and(nodule, masks[f"lung{side}"]), 0.45)
   if f.pleural_thickening is not None:
     side, zone = f.pleural_thickening
     y0, y1 = phantom.zone_band(g, side, zone)
@@ -227,8 +227,8 @@ def _draw_parenchyma(c: _Canvas, g: Geometry, f: Findings, masks, rng) -> None:
     sign = -1 if side == 0 else 1
     edge = lung[(lung[:, 1] >= y0) & (lung[:, 1] <= y1) & (sign * (lung[:, 0] - g.mid_x) > 0.5)]
     if len(edge) >= 2:
-      rind = c.blur(c.line_mask(edge, 0.1), 0.01)
-      c.add(cv2.bitwise_and(rind, masks[f"lung{side}"]), 0.36)
+      rind = c.blur(c.line_mask(edge, 0.2), 0.01)
+      c.add(cv2.bitwise_and(rind, masks[f"lung{side}"]), 0.45)
   for side in f.effusion:
     sign = -1 if side == 0 else 1
     depth = rng.uniform(0.18, 0.4) * (g.cp_y[side] - g.apex[side])
@@ -246,7 +246,7 @@ def _draw_parenchyma(c: _Canvas, g: Geometry, f: Findings, masks, rng) -> None:
     sign = -1 if side == 0 else 1
     length = g.cp_y[side] - g.apex[side]
     hilum = np.array([g.mid_x + sign * (g.med_half + 0.1), g.apex[side] + 0.55 * length])
-    collapsed = hilum + (lung - hilum) * rng.uniform(0.7, 0.82)  # the lung edge pulls away
+    collapsed = hilum + (lung - hilum) * rng.uniform(0.55, 0.7)  # the lung edge pulls away
     upper = lung[:, 1] < g.apex[side] + 0.45 * length
     air = cv2.bitwise_and(masks[f"lung{side}"], cv2.bitwise_not(c.poly_mask(collapsed)))
     apical = c.poly_mask(phantom.rect(-3, -3, 3, g.apex[side] + 0.45 * length))
@@ -254,7 +254,7 @@ def _draw_parenchyma(c: _Canvas, g: Geometry, f: Findings, masks, rng) -> None:
     c.set(air, 0.05)  # no lung markings: everything inside is replaced by air density
     edge = collapsed[upper & (sign * (collapsed[:, 0] - g.mid_x) > g.med_half + 0.05)]
     if len(edge) >= 2:
-      c.add(cv2.bitwise_and(c.line_mask(edge, 0.012), masks[f"lung{side}"]), 0.22)
+      c.add(cv2.bitwise_and(c.line_mask(edge, 0.025), masks[f"lung{side}"]), 0.3)
 
 
 def _draw_mediastinum(c: _Canvas, g: Geometry) -> None:
@@ -305,9 +305,9 @@ def _draw_bones(c: _Canvas, g: Geometry, f: Findings, masks, rng) -> None:
     if f.fracture == side:
       # Discontinuity: a gap mid-shaft and a displaced lateral fragment.
       k = int(rng.integers(5, 8))
-      gap = (clavicle[k] - clavicle[k - 1]) * 1.2
+      gap = (clavicle[k] - clavicle[k - 1]) * 2.5
       medial_part = clavicle[:k]
-      lateral_part = clavicle[k:] + gap + [0.0, rng.uniform(0.05, 0.09)]
+      lateral_part = clavicle[k:] + gap + [0.0, rng.uniform(0.12, 0.2)]
       bone = c.line_mask(medial_part, g.clavicle_width)
       c.line_mask(lateral_part, g.clavicle_width, bone)
     else:
@@ -325,7 +325,7 @@ def _draw_devices(c: _Canvas, g: Geometry, f: Findings) -> None:
     path = np.array([[mx - 0.45, top - 0.9], [mx - 0.3, top - 0.2], [mx - g.med_half + 0.05,
                                                                        top + 0.2],
                      [mx - g.med_half + 0.06, ht - 0.05]])
-    c.line_mask(path, 0.018, wires)
+    c.line_mask(path, 0.035, wires)
   if "enteric tube" in f.devices:
     path = np.array([[mx + 0.03, top - 1.0], [mx + 0.04, g.carina_y + 0.3], [mx + 0.06, hb],
                      [mx + 0.3, g.dome_y[1] + 0.3], [mx + 0.45, g.dome_y[1] + 0.35]])
@@ -336,7 +336,7 @@ def _draw_devices(c: _Canvas, g: Geometry, f: Findings) -> None:
                                          box[1] + 0.09))
     c.set(generator, 0.95)
     for end in ((hr + 0.12, hb - 0.1), (hl - 0.15, hb - 0.05)):
-      c.line_mask(np.array([box, [mx + 0.05, ht - 0.05], end]), 0.014, wires)
+      c.line_mask(np.array([box, [mx + 0.05, ht - 0.05], end]), 0.025, wires)
   c.set(wires, 0.9, 0.85)
 
 

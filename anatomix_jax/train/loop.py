@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+import zlib
 from typing import Any
 
 import flax.linen as nn
@@ -172,20 +173,23 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   try:
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
       train_step = steps_lib.jit_train_step(
-          steps_lib.make_train_step(run.model, run.tx, c.loss), run.state_shardings,
+          steps_lib.make_train_step(run.model, run.tx, c.loss, c.optim), run.state_shardings,
           run.batch_sharding, run.mesh)
       eval_step = steps_lib.jit_eval_step(steps_lib.make_eval_step(run.model, c.loss),
                                           run.state_shardings, run.batch_sharding)
-      pending, t_log, step_log = [], time.time(), start
+      pending, t_log, step_log, data_crc = [], time.time(), start, 0
       step = start
       while step < run.num_steps:
-        batch = sharding_lib.host_to_global(next(train_iter), run.batch_sharding)
+        local = next(train_iter)
+        # A fingerprint of the examples seen since the last log line: equal logs ⇔ equal data order.
+        data_crc = zlib.crc32(np.asarray(local["index"]).tobytes(), data_crc)
+        batch = sharding_lib.host_to_global(local, run.batch_sharding)
         state, step_metrics = train_step(state, batch, run.train_rng)
         step += 1
         pending.append(step_metrics)
         if step % c.train.log_every == 0 or step == run.num_steps:
-          _log_train(writer, pending, step, step_log, t_log, run)
-          pending, t_log, step_log = [], time.time(), step
+          _log_train(writer, pending, step, step_log, t_log, run, data_crc)
+          pending, t_log, step_log, data_crc = [], time.time(), step, 0
         evaluated = step % eval_every == 0 or step == run.num_steps
         if evaluated:
           final = run_eval(run, eval_step, state, c.data.eval_split, step, baseline)
@@ -208,7 +212,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
 
 
 def _log_train(writer: MetricWriter, pending: list, step: int, step_log: int, t_log: float,
-               run: Stage1) -> None:
+               run: Stage1, data_crc: int = 0) -> None:
   host = jax.device_get(pending)
   if any(int(m["nonfinite"]) for m in host):
     raise FloatingPointError(
@@ -220,6 +224,7 @@ def _log_train(writer: MetricWriter, pending: list, step: int, step_log: int, t_
   steps_per_s = (step - step_log) / elapsed
   mean["images_per_s"] = steps_per_s * run.config.train.batch_size
   mean["eta_min"] = (run.num_steps - step) / max(steps_per_s, 1e-9) / 60
+  mean["data_crc"] = data_crc
   writer.write(step, "train", mean)
   logging.info("step %d/%d loss=%.4f l1=%.4f giou=%.4f labels=%.4f %.1f img/s ETA %.1f min",
                step, run.num_steps, mean["loss"], mean["l1"], mean["giou"], mean["labels"],

@@ -16,13 +16,17 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from anatomix_jax import losses
-from anatomix_jax.train.state import TrainState
+from anatomix_jax.train.state import TrainState, param_groups
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_cfg: Any,
+                    optim_cfg: Any,
                     extra_terms: Mapping[str, tuple[float, losses.LossTerm]] | None = None
                     ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
   """Builds the pure training step.
+
+  Frozen parameters (``optim_cfg.frozen``) enter the loss through ``stop_gradient``, so XLA never
+  computes their weight gradients (the optimizer would discard them anyway).
 
   A step whose loss or gradient is not finite leaves params and optimizer state unchanged (the
   step counter still advances, keeping data and dropout streams aligned) and reports
@@ -30,14 +34,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_cfg
   """
   def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
     dropout_rng = jax.random.fold_in(rng, state.step)
+    groups = param_groups(state.params, optim_cfg)
 
     def loss_fn(params):
+      params = jax.tree.map(lambda p, g: jax.lax.stop_gradient(p) if g == "frozen" else p,
+                            params, groups)
       outputs = model.apply({"params": params, "batch_stats": state.consts}, batch["image"],
                             train=True, rngs={"dropout": dropout_rng})
       return losses.stage1_losses(outputs, batch, loss_cfg, extra_terms)
 
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
