@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from anatomix_jax import contrastive
 from anatomix_jax.ops import boxes as box_ops
 
 Array = jax.Array
-# An extra loss term: (model outputs, batch) -> scalar. The contrastive KL term plugs in here.
+# An extra loss term: (model outputs, batch) -> scalar, e.g. the contrastive term.
 LossTerm = Callable[[Mapping[str, Array], Mapping[str, Array]], Array]
 
 
@@ -46,6 +47,28 @@ def label_loss(logits: Array, labels: Array, valid: Array) -> Array:
   bce = optax.sigmoid_binary_cross_entropy(logits, labels)
   denom = jnp.maximum(valid.sum() * logits.shape[-1], 1.0)
   return jnp.sum(bce * valid[:, None]) / denom
+
+
+def configured_terms(cfg: Any) -> dict[str, tuple[float, LossTerm]]:
+  """The extra terms the ``loss`` config switches on: ``contrastive`` when its weight is > 0.
+
+  The contrastive term (REFERENCE.md §1.3) pairs every anatomy of every real image in the global
+  batch (absent anatomies included, with their "… is healthy." sentence, as in the reference):
+  outputs ``anatomy_embeddings`` and ``text_projection`` ``[B, N, d]``, batch ``text_pooled``
+  ``[B, N, D_text]`` (the frozen encoder's embeddings) and ``valid [B]``.
+  """
+  if not cfg.contrastive:
+    return {}
+
+  def contrastive_term(outputs: Mapping[str, Array], batch: Mapping[str, Array]) -> Array:
+    emb = outputs["anatomy_embeddings"]
+    valid = batch.get("valid", jnp.ones(emb.shape[:1], jnp.float32))
+    return contrastive.contrastive_loss(
+        emb, outputs["text_projection"], batch["text_pooled"],
+        jnp.broadcast_to(valid[:, None], emb.shape[:2]), kind=cfg.contrastive_kind,
+        temperature=cfg.contrastive_temperature)
+
+  return {"contrastive": (float(cfg.contrastive), contrastive_term)}
 
 
 def stage1_losses(outputs: Mapping[str, Array], batch: Mapping[str, Array], cfg: Any,

@@ -17,7 +17,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and data.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "build_rag"],
+                          "train: stage 1 (resumes); eval: score a checkpoint; build_rag: the "
+                          "per-anatomy sentence database from a checkpoint, with retrieval metrics.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
@@ -61,8 +63,11 @@ def main(argv):
     raise app.UsageError(f"config stage {config.stage!r} is not runnable by this build")
   if _MODE.value == "train":
     result = loop.train_and_evaluate(config, _WORKDIR.value)
-  else:
+  elif _MODE.value == "eval":
     result = loop.evaluate_checkpoint(config, _WORKDIR.value)
+  else:
+    from anatomix_jax.rag import build  # pylint: disable=import-outside-toplevel
+    result = build.build_and_evaluate(config, _WORKDIR.value)
   if jax.process_index() == 0 and result:
     logging.info("done: %s", {k: v for k, v in result.items() if "/" not in k})
 

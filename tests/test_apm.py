@@ -427,6 +427,32 @@ def test_round_trip_is_exact(tiny):
   assert np.array_equal(params["query_embed"], tiny["params"]["query_embed"])
 
 
+def test_text_projection_head_converts_with_torch_parity(tiny):
+  # The reference's text_model.project_head: Sequential(Linear(768→512), ReLU, Linear(512→16)),
+  # here at a tiny size, as it sits in an APMModel checkpoint beside the vision model.
+  text_dim, hidden = 13, 7
+  config = dataclasses.replace(TINY, text_dim=text_dim, text_hidden=hidden)
+  torch.manual_seed(3)
+  head = tnn.Sequential(tnn.Linear(text_dim, hidden), tnn.ReLU(), tnn.Linear(hidden, TINY.proj_dim))
+  state = {f"vis_model.{k}": v for k, v in tiny["state"].items()}
+  state.update({f"text_model.project_head.proj.{k}": v.detach().numpy()
+                for k, v in head.state_dict().items()})
+  state["text_model.model.embeddings.word_embeddings.weight"] = np.zeros((5, text_dim), np.float32)
+  params, batch_stats = convert.from_torch_state_dict(state, config)
+  x = np.random.default_rng(0).normal(size=(2, 36, text_dim)).astype(np.float32)
+  images = np.zeros((2, *IMAGE_HW, 1), np.float32)
+  out = apm.APM(config).apply({"params": params, "batch_stats": batch_stats}, images,
+                              text_pooled=x)
+  with torch.no_grad():
+    want = head(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(out["text_projection"], want, atol=1e-5)
+  # Without a text branch in the config, the head is not expected, and text input is refused.
+  assert "text_projection" not in convert.from_torch_state_dict(state, TINY)[0]
+  with pytest.raises(ValueError, match="text_dim"):
+    apm.APM(TINY).apply({"params": tiny["params"], "batch_stats": tiny["batch_stats"]}, images,
+                        text_pooled=x)
+
+
 def test_load_reference_checkpoint_files(tiny, tmp_path):
   st_path = tmp_path / "apm.safetensors"
   save_file(tiny["state"], str(st_path))

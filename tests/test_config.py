@@ -64,3 +64,13 @@ def test_unknown_config_argument_fails(tmp_path):
                          f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode != 0 and "unknown config argument 'tiny'" in proc.stderr
+
+
+def test_paper_config_without_text_encoder_fails_before_any_work(tmp_path):
+  # The paper setting trains with the contrastive term, which needs PubMedBERT from a local path.
+  workdir = tmp_path / "run"
+  proc = subprocess.run([sys.executable, "-m", "anatomix_jax.main", "--config=configs/stage1.py",
+                         f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode != 0 and "config.text.encoder_dir is empty" in proc.stderr
+  assert not (workdir / "data").exists()  # failed before generating or reading any data

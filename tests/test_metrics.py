@@ -56,3 +56,18 @@ def test_label_metrics_f1_thresholds():
   # reference logits>0.5: label0 [0,1,0] → tp1 fn1 → 2/3; label1 [0,1,0] → 1
   assert out["f1_reference"] == pytest.approx((2 / 3 + 1.0) / 2)
   assert out["auroc"] == pytest.approx(1.0)
+
+
+def test_metric_writer_jsonl_and_tensorboard_tags(tmp_path):
+  from anatomix_jax.train import writers
+  writer = writers.MetricWriter(str(tmp_path))
+  writer.write(7, "val", {"auroc/Support Devices": np.float32(0.75), "auroc/Pleural Other": float("nan"),
+                          "image": np.zeros((2, 2))})  # not a scalar: dropped
+  writer.close()
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 1
+  rec = __import__("json").loads(lines[0])  # strict JSON: NaN became null
+  assert rec["step"] == 7 and rec["split"] == "val" and rec["auroc/Support Devices"] == 0.75
+  assert rec["auroc/Pleural Other"] is None and "image" not in rec
+  events = b"".join(p.read_bytes() for p in (tmp_path / "tensorboard").iterdir())
+  assert b"val/auroc/Support_Devices" in events and b"Support Devices" not in events

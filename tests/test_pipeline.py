@@ -82,7 +82,8 @@ def test_eval_batches_values_and_padding(records_dir, example_of_record):
   b0 = batches[0]
   shapes = {"image": ((4, SIZE, SIZE, 1), np.float32), "boxes": ((4, 36, 4), np.float32),
             "box_mask": ((4, 36), np.float32), "labels": ((4, 14), np.float32),
-            "index": ((4,), np.int32), "valid": ((4,), np.float32)}
+            "sentence_ids": ((4, 36), np.int32), "index": ((4,), np.int32),
+            "valid": ((4,), np.float32)}
   assert {k: (v.shape, v.dtype) for k, v in b0.items()} == shapes
   index = np.concatenate([b["index"] for b in batches])
   valid = np.concatenate([b["valid"] for b in batches])

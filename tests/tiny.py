@@ -18,6 +18,8 @@ OVERRIDES = {
     "model.enc_layers": 1,
     "model.dec_layers": 2,
     "model.ffn_dim": 20,
+    "model.text_hidden": 13,
+    "model.dropout": 0.1,
     "train.batch_size": 8,
     "eval.batch_size": 8,
     "eval.num_overlays": 1,

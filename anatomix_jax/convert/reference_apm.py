@@ -26,9 +26,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import pickle
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -36,63 +35,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from anatomix_jax.convert.tensors import (
+    TRANSFORMS, Path, get_path, key_list, leaf_paths, read_safetensors, read_torch_file,
+    set_path, to_numpy)
 from anatomix_jax.models.apm import APM, APMConfig
-
-Path = tuple[str, ...]
 VISION_PREFIX = "vis_model."
 TEXT_PREFIX = "text_model."
+TEXT_HEAD = "project_head.proj"  # under text_model.: Linear(768→512), ReLU, Linear(512→16)
 IGNORED_SUFFIX = ".num_batches_tracked"
 # '/'-joined param paths the reference keeps frozen (its layer1 convolutions).
 FROZEN_PARAM_REGEX = r"^backbone/layer1_"
-
-
-# --- Tensor transforms ----------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Transform:
-  """How one torch tensor becomes one or more of our leaves, and back.
-
-  Attributes:
-    to_flax: (torch tensor, heads) → our arrays, in the order of ``Rule.paths``.
-    to_torch: (our arrays, heads) → the torch tensor.
-    torch_shape: (our shapes, heads) → the torch shape, without touching data.
-  """
-
-  to_flax: Callable[[np.ndarray, int], tuple[np.ndarray, ...]]
-  to_torch: Callable[[Sequence[np.ndarray], int], np.ndarray]
-  torch_shape: Callable[[Sequence[tuple[int, ...]], int], tuple[int, ...]]
-
-
-def _split_heads(w: np.ndarray, heads: int) -> np.ndarray:  # torch [D_out, D_in] → [D_in, h, d]
-  return w.T.reshape(w.shape[1], heads, w.shape[0] // heads)
-
-
-TRANSFORMS: dict[str, Transform] = {
-    "copy": Transform(
-        to_flax=lambda t, h: (t,),
-        to_torch=lambda a, h: a[0],
-        torch_shape=lambda s, h: tuple(s[0])),
-    "conv": Transform(
-        to_flax=lambda t, h: (t.transpose(2, 3, 1, 0),),
-        to_torch=lambda a, h: a[0].transpose(3, 2, 0, 1),
-        torch_shape=lambda s, h: (s[0][3], s[0][2], s[0][0], s[0][1])),
-    "linear": Transform(
-        to_flax=lambda t, h: (t.T,),
-        to_torch=lambda a, h: a[0].T,
-        torch_shape=lambda s, h: (s[0][1], s[0][0])),
-    "in_proj_weight": Transform(
-        to_flax=lambda t, h: tuple(_split_heads(w, h) for w in np.split(t, 3, axis=0)),
-        to_torch=lambda a, h: np.concatenate([k.reshape(k.shape[0], -1).T for k in a], axis=0),
-        torch_shape=lambda s, h: (sum(x[1] * x[2] for x in s), s[0][0])),
-    "in_proj_bias": Transform(
-        to_flax=lambda t, h: tuple(b.reshape(h, -1) for b in np.split(t, 3)),
-        to_torch=lambda a, h: np.concatenate([b.reshape(-1) for b in a]),
-        torch_shape=lambda s, h: (sum(x[0] * x[1] for x in s),)),
-    "out_proj_weight": Transform(
-        to_flax=lambda t, h: (t.T.reshape(h, t.shape[1] // h, t.shape[0]),),
-        to_torch=lambda a, h: a[0].reshape(-1, a[0].shape[-1]).T,
-        torch_shape=lambda s, h: (s[0][2], s[0][0] * s[0][1])),
-}
 
 
 # --- Name table -----------------------------------------------------------------------------------
@@ -195,6 +147,9 @@ def name_table(config: APMConfig) -> tuple[Rule, ...]:
   _linear(rules, "anat_obj_embs.linear", ("anat_obj_embs", "linear"))
   for i in range(3):
     _linear(rules, f"bbox_embed.layers.{i}", ("bbox_embed", f"layers_{i}"))
+  if config.text_dim:  # the text model's trainable head (its frozen BERT is loaded separately)
+    _linear(rules, f"{TEXT_HEAD}.0", ("text_projection", "linear1"))
+    _linear(rules, f"{TEXT_HEAD}.2", ("text_projection", "linear2"))
   rules.append(Rule("query_embed.weight", "params", (("query_embed",),), "copy"))
   rules.append(Rule("input_proj.weight", "params", (("input_proj", "kernel"),), "conv"))
   rules.append(Rule("input_proj.bias", "params", (("input_proj", "bias"),), "copy"))
@@ -219,29 +174,6 @@ def abstract_variables(config: APMConfig) -> dict[str, Any]:
   return nn.unbox(dict(variables))
 
 
-def _get(tree: Mapping[str, Any], path: Path) -> Any:
-  for name in path:
-    tree = tree[name]
-  return tree
-
-
-def _set(tree: dict[str, Any], path: Path, value: Any) -> None:
-  for name in path[:-1]:
-    tree = tree.setdefault(name, {})
-  tree[path[-1]] = value
-
-
-def _leaf_paths(tree: Any) -> set[Path]:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {tuple(str(getattr(k, "key", k)) for k in kp) for kp, _ in flat}
-
-
-def _shape_list(keys: Sequence[str], limit: int = 8) -> str:
-  keys = sorted(keys)
-  more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
-  return ", ".join(keys[:limit]) + more
-
-
 def _as_config(config: APMConfig | Mapping[str, Any]) -> APMConfig:
   return config if isinstance(config, APMConfig) else APMConfig.from_config(config)
 
@@ -252,13 +184,15 @@ def expected_torch_shapes(config: APMConfig) -> dict[str, tuple[int, ...]]:
   variables = abstract_variables(config)
   return {
       rule.torch_key: TRANSFORMS[rule.kind].torch_shape(
-          [tuple(_get(variables[rule.collection], p).shape) for p in rule.paths], rule.heads)
+          [tuple(get_path(variables[rule.collection], p).shape) for p in rule.paths], rule.heads)
       for rule in name_table(config)
   }
 
 
-def _select_vision_keys(state: Mapping[str, Any], source: str) -> dict[str, Any]:
-  """Strips ``vis_model.``; drops the text model's and ``num_batches_tracked`` entries."""
+def _select_vision_keys(state: Mapping[str, Any], source: str, text_head: bool = False
+                        ) -> dict[str, Any]:
+  """Strips ``vis_model.``; drops ``num_batches_tracked`` and the text model's entries except,
+  with ``text_head``, its projection head (kept as ``project_head.proj.*``)."""
   keys = list(state)
   prefixed = any(k.startswith(VISION_PREFIX) for k in keys)
   out = {}
@@ -267,7 +201,9 @@ def _select_vision_keys(state: Mapping[str, Any], source: str) -> dict[str, Any]
       continue
     if prefixed:
       if key.startswith(TEXT_PREFIX):
-        continue  # the APMModel's text encoder: not part of the vision model
+        if text_head and key.startswith(TEXT_PREFIX + TEXT_HEAD):
+          out[key[len(TEXT_PREFIX):]] = state[key]
+        continue  # the APMModel's frozen text encoder: not part of the vision model
       if not key.startswith(VISION_PREFIX):
         raise ValueError(f"{source}: unexpected key {key!r} beside '{VISION_PREFIX}*' entries")
       out[key[len(VISION_PREFIX):]] = state[key]
@@ -282,7 +218,8 @@ def from_torch_state_dict(state: Mapping[str, Any], config: APMConfig | Mapping[
 
   Args:
     state: torch key → array (NumPy, or anything ``np.asarray`` accepts); keys may carry the
-      ``vis_model.`` prefix of an ``APMModel`` checkpoint (then ``text_model.*`` is ignored).
+      ``vis_model.`` prefix of an ``APMModel`` checkpoint (then ``text_model.*`` is ignored but
+      for ``text_model.project_head.proj.*`` when ``config.text_dim`` > 0).
     config: the APM config the checkpoint was trained with.
     source: a name for error messages (e.g. the file path).
 
@@ -293,7 +230,7 @@ def from_torch_state_dict(state: Mapping[str, Any], config: APMConfig | Mapping[
     ValueError: naming every missing or unexpected key, or the first tensor of the wrong shape.
   """
   config = _as_config(config)
-  state = _select_vision_keys(state, source)
+  state = _select_vision_keys(state, source, text_head=bool(config.text_dim))
   table = name_table(config)
   expected = expected_torch_shapes(config)
   missing = [r.torch_key for r in table if r.torch_key not in state]
@@ -301,9 +238,9 @@ def from_torch_state_dict(state: Mapping[str, Any], config: APMConfig | Mapping[
   if missing or unexpected:
     parts = []
     if missing:
-      parts.append(f"missing keys: {_shape_list(missing)}")
+      parts.append(f"missing keys: {key_list(missing)}")
     if unexpected:
-      parts.append(f"unexpected keys: {_shape_list(unexpected)}")
+      parts.append(f"unexpected keys: {key_list(unexpected)}")
     raise ValueError(f"{source}: does not match the APM at {config}: " + "; ".join(parts))
   out: dict[str, dict[str, Any]] = {"params": {}, "batch_stats": {}}
   for rule in table:
@@ -313,7 +250,7 @@ def from_torch_state_dict(state: Mapping[str, Any], config: APMConfig | Mapping[
                        f"{expected[rule.torch_key]} for {config}")
     arrays = TRANSFORMS[rule.kind].to_flax(tensor.astype(np.float32), rule.heads)
     for path, array in zip(rule.paths, arrays):
-      _set(out[rule.collection], path, np.ascontiguousarray(array))
+      set_path(out[rule.collection], path, np.ascontiguousarray(array))
   return out["params"], out["batch_stats"]
 
 
@@ -338,16 +275,16 @@ def to_torch_state_dict(params: Any, batch_stats: Any,
   table = name_table(config)
   for collection, tree in trees.items():
     wanted = {p for r in table if r.collection == collection for p in r.paths}
-    have = _leaf_paths(tree)
+    have = leaf_paths(tree)
     missing, extra = wanted - have, have - wanted
     if missing or extra:
-      fmt = lambda paths: _shape_list(["/".join(p) for p in paths])  # noqa: E731
+      fmt = lambda paths: key_list(["/".join(p) for p in paths])  # noqa: E731
       raise ValueError(f"{collection} do not match the APM at {config}: "
                        + (f"missing {fmt(missing)}; " if missing else "")
                        + (f"unexpected {fmt(extra)}" if extra else ""))
   out = {}
   for rule in table:
-    leaves = [_get(trees[rule.collection], p) for p in rule.paths]
+    leaves = [get_path(trees[rule.collection], p) for p in rule.paths]
     transform = TRANSFORMS[rule.kind]
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
       shape = transform.torch_shape([tuple(x.shape) for x in leaves], rule.heads)
@@ -356,45 +293,6 @@ def to_torch_state_dict(params: Any, batch_stats: Any,
       tensor = transform.to_torch([np.asarray(x) for x in leaves], rule.heads)
       out[rule.torch_key] = np.ascontiguousarray(tensor)
   return out
-
-
-def _read_torch_file(path: str) -> Any:
-  try:
-    import torch  # noqa: PLC0415 (optional dependency)
-  except ImportError as err:
-    raise ValueError(f"{path}: reading a PyTorch checkpoint needs torch; install it or convert the "
-                     "file to safetensors") from err
-  try:
-    return torch.load(path, weights_only=True, map_location="cpu")
-  except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as err:
-    raise ValueError(
-        f"{path}: cannot be read with torch.load(weights_only=True) (it holds non-tensor objects, "
-        "e.g. the reference's training checkpoints store 'args'). In an environment you trust, "
-        "re-save only the weights, e.g. torch.save(torch.load(p, weights_only=False)['model'], out), "
-        f"or save them as safetensors. ({type(err).__name__}: {err})") from err
-
-
-def _read_safetensors(path: str) -> dict[str, Any]:
-  from safetensors import safe_open  # noqa: PLC0415
-  try:
-    with safe_open(path, framework="numpy") as f:
-      return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-  except Exception as err:  # noqa: BLE001 (the library raises several kinds)
-    numpy_error = err
-  try:  # bfloat16 tensors have no NumPy dtype: read them through torch when it is installed
-    with safe_open(path, framework="pt") as f:
-      return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-  except Exception:  # noqa: BLE001
-    raise ValueError(f"{path}: not a readable safetensors file ({numpy_error})") from numpy_error
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-  if hasattr(value, "detach"):  # a torch tensor; NumPy has no bfloat16, so widen first
-    value = value.detach().cpu()
-    if not value.is_floating_point() or value.element_size() < 4:
-      value = value.float()
-    return value.numpy()
-  return np.asarray(value)
 
 
 def load_reference_checkpoint(path: str | os.PathLike, config: APMConfig | Mapping[str, Any]
@@ -413,9 +311,9 @@ def load_reference_checkpoint(path: str | os.PathLike, config: APMConfig | Mappi
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such checkpoint file")
   if path.endswith(".safetensors"):
-    state = _read_safetensors(path)
+    state = read_safetensors(path)
   else:
-    state = _read_torch_file(path)
+    state = read_torch_file(path)
     if isinstance(state, Mapping):
       for entry in ("model", "state_dict"):
         if isinstance(state.get(entry), Mapping):
@@ -423,5 +321,5 @@ def load_reference_checkpoint(path: str | os.PathLike, config: APMConfig | Mappi
           break
     if not isinstance(state, Mapping):
       raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-  state = {k: _to_numpy(v) for k, v in state.items()}
+  state = {k: to_numpy(v) for k, v in state.items()}
   return from_torch_state_dict(state, config, source=path)

@@ -38,6 +38,8 @@ Batches are dicts of NumPy arrays (``b`` = per-host batch, ``S`` = ``image_size`
 * ``boxes``    float32 ``[b, 36, 4]`` normalized cxcywh (xyxy on the canvas ÷ canvas); 0 if absent;
 * ``box_mask`` float32 ``[b, 36]``: 1 = anatomy present AND box non-degenerate after augmentation;
 * ``labels``   float32 ``[b, 14]`` CheXpert labels;
+* ``sentence_ids`` int32 ``[b, 36]``: each anatomy's sentence in the ``sentence_ids`` mapping given
+  to :func:`stage1_dataset` (``data/sentences.py``); −1 without a mapping and in placeholders;
 * ``index``    int32 ``[b]``: record index within the split; −1 for eval padding;
 * ``valid``    float32 ``[b]``: 0 for eval padding and for skipped corrupt records.
 
@@ -55,7 +57,7 @@ calling process (exact with ``num_workers=0``; workers keep their own counts).
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Mapping
 
 from absl import logging
 import cv2
@@ -66,7 +68,7 @@ from anatomix_jax import anatomy
 from anatomix_jax.data import augment as augment_lib
 from anatomix_jax.data import records
 
-BATCH_KEYS = ("image", "boxes", "box_mask", "labels", "index", "valid")
+BATCH_KEYS = ("image", "boxes", "box_mask", "labels", "sentence_ids", "index", "valid")
 
 _skip_lock = threading.Lock()
 _skipped = 0  # corrupt records replaced by placeholders in THIS process (see module docstring)
@@ -88,6 +90,7 @@ def _placeholder(image_size: int, index: int) -> dict[str, Any]:
           "boxes": np.zeros((anatomy.NUM_ANATOMIES, 4), np.float32),
           "present": np.zeros((anatomy.NUM_ANATOMIES,), bool),
           "labels": np.zeros((anatomy.NUM_LABELS,), np.float32),
+          "sentence_ids": np.full((anatomy.NUM_ANATOMIES,), -1, np.int32),
           "index": np.int32(index), "valid": np.float32(0.0)}
 
 
@@ -121,9 +124,20 @@ def decode_image(png: bytes, image_size: int) -> np.ndarray:
 class DecodeRecord(grain.transforms.MapWithIndex):
   """Raw record bytes → example dict with the image at ``image_size`` and boxes in its pixels."""
 
-  def __init__(self, split: str, num_records: int, image_size: int, canvas: int, skip_bad: bool):
+  def __init__(self, split: str, num_records: int, image_size: int, canvas: int, skip_bad: bool,
+               sentence_ids: Mapping[str, int] | None = None):
     self.split, self.num_records = split, num_records
     self.image_size, self.canvas, self.skip_bad = image_size, canvas, skip_bad
+    self.sentence_ids = sentence_ids
+
+  def _sentence_ids(self, sentences: list[str]) -> np.ndarray:
+    if self.sentence_ids is None:
+      return np.full((anatomy.NUM_ANATOMIES,), -1, np.int32)
+    try:
+      return np.array([self.sentence_ids[s] for s in sentences], np.int32)
+    except KeyError as e:
+      raise records.RecordError(f"sentence {e.args[0]!r} is not in the sentence index (rebuild "
+                                f"it: delete sentences.json in the records directory)") from e
 
   def map_with_index(self, index: int, raw: bytes) -> dict[str, Any]:
     # Grain passes the index of the repeated stream (epoch · n + i) here: keep the record index.
@@ -140,6 +154,7 @@ class DecodeRecord(grain.transforms.MapWithIndex):
       boxes = np.where(present[:, None], boxes, 0.0).astype(np.float32)
       return {"image": image, "boxes": boxes, "present": present,
               "labels": np.asarray(obj["labels"], np.float32),
+              "sentence_ids": self._sentence_ids(obj["sentences"]),
               "index": np.int32(index), "valid": np.float32(1.0)}
     except Exception as e:  # anything wrong with one record is reported as that record's error
       message = f"split {self.split!r}, record {index}, id {example_id!r}: {e}"
@@ -196,6 +211,7 @@ class Finalize(grain.transforms.Map):
     image = (image.astype(np.float32) * np.float32(1.0 / 255.0))[..., None]
     return {"image": image, "boxes": cxcywh, "box_mask": mask.astype(np.float32),
             "labels": element["labels"].astype(np.float32),
+            "sentence_ids": element["sentence_ids"],
             "index": np.int32(element["index"]), "valid": np.float32(element["valid"])}
 
 
@@ -263,7 +279,8 @@ def global_batch_size_check(global_batch: int, process_count: int,
 def stage1_dataset(records_dir: str, split: str, *, image_size: int, batch_size: int, train: bool,
                    seed: int = 0, augment: Any = None, process_index: int = 0,
                    process_count: int = 1, num_workers: int = 0, num_epochs: int | None = None,
-                   skip_bad: bool = False, read_threads: int = 2,
+                   skip_bad: bool = False, sentence_ids: Mapping[str, int] | None = None,
+                   read_threads: int = 2,
                    prefetch_buffer_size: int = 2) -> grain.IterDataset:
   """Builds the host-local stage-1 input pipeline (see the module docstring).
 
@@ -283,6 +300,8 @@ def stage1_dataset(records_dir: str, split: str, *, image_size: int, batch_size:
     num_epochs: training epochs (None: repeat forever). The stream is truncated to a multiple of
       ``process_count · batch_size`` so every host yields the same number of batches.
     skip_bad: replace corrupt records by masked placeholder rows instead of raising.
+    sentence_ids: sentence → id (``sentences.SentenceIndex.ids()``), for the ``sentence_ids``
+      batch field; None: that field is all −1.
     read_threads: threads per process producing batches (``grain.ReadOptions.num_threads``).
     prefetch_buffer_size: batches buffered per process (``grain.ReadOptions``).
 
@@ -301,7 +320,7 @@ def stage1_dataset(records_dir: str, split: str, *, image_size: int, batch_size:
   if n == 0:
     raise records.RecordError(f"split {split!r} in {records_dir!r} has no records")
   ds = grain.MapDataset.source(source).map_with_index(
-      DecodeRecord(split, n, image_size, canvas, skip_bad))
+      DecodeRecord(split, n, image_size, canvas, skip_bad, sentence_ids))
 
   if train:
     ds = ds.shuffle(seed=seed).repeat(num_epochs)

@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from anatomix_jax.models import resnet, transformer
+from anatomix_jax.models import bert, resnet, transformer
 from anatomix_jax.models.transformer import TOKEN_AXES, dense, torch_linear_init
 
 Array = jax.Array
@@ -57,6 +57,10 @@ class APMConfig:
     num_labels: image-level labels.
     proj_dim: anatomy embedding dim.
     obj_heads: heads of the anatomy-embedding attention.
+    text_dim: width of the frozen text encoder's sentence embeddings (768 for PubMedBERT); 0: no
+      text branch. With it, the trainable projection head (REFERENCE.md §1.2 text encoder) lives
+      here, under ``text_projection``, so one parameter tree holds everything stage 1 trains.
+    text_hidden: hidden width of that head (512).
     dtype: compute dtype name; parameters are always float32.
     remat: rematerialise bottlenecks and transformer layers in the backward pass.
   """
@@ -73,6 +77,8 @@ class APMConfig:
   num_labels: int = 14
   proj_dim: int = 16
   obj_heads: int = 2
+  text_dim: int = 0
+  text_hidden: int = 512
   dtype: str = "float32"
   remat: bool = False
 
@@ -82,7 +88,7 @@ class APMConfig:
     if len(self.depths) != 4 or min(self.depths) < 1:
       problems.append(f"depths must be four positive block counts, got {self.depths}")
     for name in ("width", "hidden_dim", "num_heads", "enc_layers", "dec_layers", "ffn_dim",
-                 "num_queries", "num_labels", "proj_dim", "obj_heads"):
+                 "num_queries", "num_labels", "proj_dim", "obj_heads", "text_hidden"):
       if getattr(self, name) < 1:
         problems.append(f"{name} must be positive, got {getattr(self, name)}")
     if not problems:
@@ -92,6 +98,8 @@ class APMConfig:
                           f"{getattr(self, heads)}")
       if self.hidden_dim % 4:
         problems.append(f"hidden_dim {self.hidden_dim} must be divisible by 4 (sine positions)")
+    if self.text_dim < 0:
+      problems.append(f"text_dim must be ≥ 0, got {self.text_dim}")
     if not 0.0 <= self.dropout < 1.0:
       problems.append(f"dropout must be in [0, 1), got {self.dropout}")
     if self.dtype not in _DTYPES:
@@ -180,12 +188,15 @@ class APM(nn.Module):
   config: APMConfig
 
   @nn.compact
-  def __call__(self, images: Array, *, train: bool = False) -> dict[str, Array]:
+  def __call__(self, images: Array, *, train: bool = False, text_pooled: Array | None = None
+               ) -> dict[str, Array]:
     """Runs the APM.
 
     Args:
       images: float[B, H, W, 1] in [0, 1], H and W multiples of 32 (no mean/std normalisation).
       train: training mode (dropout on when a ``'dropout'`` rng is given).
+      text_pooled: float[B, N, text_dim] frozen-encoder sentence embeddings (needs ``text_dim``);
+        adds ``text_projection`` [B, N, proj_dim] to the outputs.
 
     Returns:
       A dict of float32 arrays: ``boxes`` [B, N, 4] (sigmoid cxcywh, last decoder layer),
@@ -193,6 +204,8 @@ class APM(nn.Module):
       ``anatomy_embeddings`` [B, N, proj_dim], ``memory`` [B, (H/32)·(W/32), D] (encoder output
       without CLS, one token per 32×32 patch, row-major), ``cls`` [B, D].
     """
+    if text_pooled is not None and not self.config.text_dim:
+      raise ValueError("text_pooled given to an APM without a text branch (config.text_dim = 0)")
     cfg = self.config
     check_images(images)
     dtype = cfg.compute_dtype
@@ -230,7 +243,14 @@ class APM(nn.Module):
     anatomy = AnatomyEmbeddingHead(cfg.obj_heads, cfg.proj_dim, dtype, name="anat_obj_embs")(
         hs[-1], memory)
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    text = {}
+    if cfg.text_dim and (text_pooled is not None or self.is_initializing()):
+      if text_pooled is None:
+        text_pooled = jnp.zeros((1, cfg.num_queries, cfg.text_dim), jnp.float32)
+      text["text_projection"] = f32(bert.TextProjection(cfg.text_hidden, cfg.proj_dim, dtype,
+                                                        name="text_projection")(text_pooled))
     return {
+        **text,
         "boxes": aux_boxes[-1],
         "aux_boxes": aux_boxes,
         "image_logits": f32(image_logits),

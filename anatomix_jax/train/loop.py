@@ -6,6 +6,7 @@ from the workdir automatically; ``evaluate_checkpoint(config, workdir)`` scores 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from anatomix_jax import anatomy
-from anatomix_jax.data import pipeline, stage1_data
+from anatomix_jax.data import pipeline, sentences, stage1_data, text_embeddings
 from anatomix_jax.models import apm
 from anatomix_jax.train import checkpointing, metrics as metrics_lib, overlays
 from anatomix_jax.train import sharding as sharding_lib, state as state_lib, steps as steps_lib
@@ -31,11 +32,13 @@ from anatomix_jax.train.writers import MetricWriter
 class Stage1:
   """What training and evaluation share: mesh, data location, model, optimizer, abstract state."""
 
-  def __init__(self, config: Any, workdir: str):
-    if config.loss.contrastive:
-      raise ValueError("loss.contrastive > 0 needs the frozen text encoder and sentence cache, which "
-                       "are not part of this build yet; set --config.loss.contrastive=0")
+  def __init__(self, config: Any, workdir: str, text: bool | None = None):
+    """``text``: load the sentence index and frozen-encoder embeddings (default: when the
+    contrastive loss is on); the model then has its text projection head."""
     self.config, self.workdir = config, workdir
+    text = bool(config.loss.contrastive) if text is None else text
+    if text and not config.text.encoder_dir and not config.text.allow_fallback:
+      text_embeddings.resolve_encoder_dir(config.text, workdir, ())  # raises, before any work
     self.mesh = sharding_lib.make_mesh(config.mesh)
     self.rules = tuple(tuple(r) for r in config.sharding_rules)
     # Validate batch layouts before any data is generated or anything is compiled.
@@ -48,7 +51,18 @@ class Stage1:
     self.steps_per_epoch = max(self.num_train // config.train.batch_size, 1)
     self.num_steps = (config.train.num_steps if config.train.num_steps > 0
                       else config.train.epochs * self.steps_per_epoch)
-    self.model = apm.APM(apm.APMConfig.from_config(config.model))
+    self.sentence_index, self.text_table = None, None
+    if text:
+      self.sentence_index = sentences.load_or_build(self.records_dir)
+      encoder_dir = text_embeddings.resolve_encoder_dir(config.text, workdir,
+                                                        self.sentence_index.sentences)
+      self.text_table = text_embeddings.pooled_embeddings(
+          encoder_dir, self.sentence_index.sentences, os.path.join(workdir, "text_cache"),
+          config.text.encode_batch)
+    self.sentence_ids = self.sentence_index.ids() if self.sentence_index else None
+    text_dim = 0 if self.text_table is None else int(self.text_table.shape[1])
+    self.model = apm.APM(dataclasses.replace(apm.APMConfig.from_config(config.model),
+                                             text_dim=text_dim))
     self.tx = state_lib.make_optimizer(config.optim, self.num_steps)
     size = config.data.image_size
     init_variables = lambda rng: self.model.init(  # noqa: E731
@@ -63,7 +77,8 @@ class Stage1:
   def meta(self, step: int) -> dict:
     return {"step": int(step), "stage": self.config.stage,
             "config": json.loads(self.config.to_json_best_effort()),
-            "records_dir": self.records_dir, "num_steps": self.num_steps}
+            "records_dir": self.records_dir, "num_steps": self.num_steps,
+            "text_dim": self.model.config.text_dim}
 
   def check_compatible(self, meta: dict) -> None:
     """A workdir's checkpoint must come from the same model; anything else may change on resume."""
@@ -72,16 +87,40 @@ class Stage1:
     if saved is not None and saved != current:
       raise ValueError(f"{self.checkpointer.directory} holds checkpoints of a different model "
                        f"({saved} vs {current}); use another --workdir")
+    if meta.get("text_dim", self.model.config.text_dim) != self.model.config.text_dim:
+      raise ValueError(f"{self.checkpointer.directory} holds checkpoints with a text branch of "
+                       f"width {meta['text_dim']}, this run's is {self.model.config.text_dim} "
+                       "(another text encoder, or loss.contrastive switched); use another --workdir")
+
+  def restore_for_eval(self) -> tuple[Any, int]:
+    """The state of the ``eval.checkpoint`` ("latest" or "best") checkpoint, and its step."""
+    which = self.config.eval.checkpoint
+    step = {"latest": self.checkpointer.latest_step(),
+            "best": self.checkpointer.best_step()}.get(which)
+    if step is None:
+      raise FileNotFoundError(f"no {which!r} checkpoint in {self.checkpointer.directory}: train "
+                              "stage 1 first (--mode=train) with the same --workdir")
+    self.check_compatible(self.checkpointer.read_meta(step))
+    state, _ = self.checkpointer.restore(step, self.abstract_state, None)
+    return state, step
+
+  def with_text(self, local: dict) -> dict:
+    """Adds ``text_pooled [b, N, D_text]`` (the cached embeddings of ``sentence_ids``) to a host
+    batch when the text branch is on; padding rows (id −1) get sentence 0's, masked by ``valid``."""
+    if self.text_table is None:
+      return local
+    return {**local, "text_pooled": self.text_table[np.maximum(local["sentence_ids"], 0)]}
 
   def eval_dataset(self, split: str):
     c = self.config.data
     return pipeline.stage1_dataset(
         self.records_dir, split, image_size=c.image_size, batch_size=self.host_eval_batch,
         train=False, seed=self.config.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), num_workers=0, skip_bad=c.skip_bad)
+        process_count=jax.process_count(), num_workers=0, skip_bad=c.skip_bad,
+        sentence_ids=self.sentence_ids)
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
+def to_host(x: jax.Array) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(x)
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -94,12 +133,12 @@ def run_eval(run: Stage1, eval_step, state, split: str, step: int,
   collected = {k: [] for k in ("pred_boxes", "logits", *keys)}
   loss_sums, num_batches, overlay_batch = {}, 0, None
   for local in run.eval_dataset(split):
-    batch = sharding_lib.host_to_global(local, run.batch_sharding)
+    batch = sharding_lib.host_to_global(run.with_text(local), run.batch_sharding)
     outputs, parts = eval_step(state, batch)
-    collected["pred_boxes"].append(_to_host(outputs["boxes"]))
-    collected["logits"].append(_to_host(outputs["image_logits"]))
+    collected["pred_boxes"].append(to_host(outputs["boxes"]))
+    collected["logits"].append(to_host(outputs["image_logits"]))
     for k in keys:
-      collected[k].append(_to_host(batch[k]))
+      collected[k].append(to_host(batch[k]))
     for k, v in jax.device_get(parts).items():
       loss_sums[k] = loss_sums.get(k, 0.0) + float(v)
     num_batches += 1
@@ -138,7 +177,8 @@ def _write_overlays(run: Stage1, local: dict, data: dict, step: int, split: str)
 
 
 def _summary(metrics: dict) -> str:
-  keys = ("mean_iou", "baseline_mean_iou", "map", "map_50", "auroc", "f1", "loss/loss")
+  keys = ("mean_iou", "baseline_mean_iou", "map", "map_50", "auroc", "f1", "loss/contrastive",
+          "loss/loss")
   return " ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
 
 
@@ -152,7 +192,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   train_iter = iter(pipeline.stage1_dataset(
       run.records_dir, c.data.train_split, image_size=c.data.image_size, batch_size=run.host_batch,
       train=True, seed=c.seed, augment=augment, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_workers=c.data.num_workers, skip_bad=c.data.skip_bad))
+      process_count=jax.process_count(), num_workers=c.data.num_workers, skip_bad=c.data.skip_bad,
+      sentence_ids=run.sentence_ids))
 
   start = run.checkpointer.latest_step()
   if start is not None:
@@ -183,7 +224,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         local = next(train_iter)
         # A fingerprint of the examples seen since the last log line: equal logs ⇔ equal data order.
         data_crc = zlib.crc32(np.asarray(local["index"]).tobytes(), data_crc)
-        batch = sharding_lib.host_to_global(local, run.batch_sharding)
+        batch = sharding_lib.host_to_global(run.with_text(local), run.batch_sharding)
         state, step_metrics = train_step(state, batch, run.train_rng)
         step += 1
         pending.append(step_metrics)
@@ -199,16 +240,34 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
           run.checkpointer.save(step, state, train_iter, run.meta(step),
                                 metrics=final if evaluated else None)
         if watcher.should_stop(step):
-          run.checkpointer.save(step, state, train_iter, run.meta(step), force=True)
+          if run.checkpointer.latest_step() != step:  # this step may have just been saved
+            run.checkpointer.save(step, state, train_iter, run.meta(step), force=True)
           run.checkpointer.wait()
           logging.warning("preempted: checkpoint of step %d saved; exiting", step)
           return {"preempted": True, "step": step}
+      if not final:  # nothing left to train (a finished workdir): evaluate what is there
+        final = run_eval(run, eval_step, state, c.data.eval_split, step, baseline)
   finally:
     run.checkpointer.close()
     writer.close()
     watcher.close()
   final["step"] = step
+  _report(run, final, c.data.eval_split)
   return final
+
+
+def _report(run: Stage1, metrics: dict, split: str) -> None:
+  """Logs the per-anatomy IoU table and the headline numbers; saves them as JSON (process 0)."""
+  if jax.process_index() != 0:
+    return
+  rows = [f"  {name[:44]:<44} {metrics[f'iou/{name}']:.3f}" for name in anatomy.ANATOMY_NAMES
+          if f"iou/{name}" in metrics]
+  logging.info("per-anatomy IoU on %s (step %d):\n%s", split, metrics["step"], "\n".join(rows))
+  path = os.path.join(run.workdir, f"eval_{split}_step{metrics['step']}.json")
+  with open(path, "w") as f:
+    json.dump(metrics, f, indent=2)
+  logging.info("final %s metrics at step %d: %s (all metrics in %s)", split, metrics["step"],
+               _summary(metrics), path)
 
 
 def _log_train(writer: MetricWriter, pending: list, step: int, step_log: int, t_log: float,
@@ -226,21 +285,16 @@ def _log_train(writer: MetricWriter, pending: list, step: int, step_log: int, t_
   mean["eta_min"] = (run.num_steps - step) / max(steps_per_s, 1e-9) / 60
   mean["data_crc"] = data_crc
   writer.write(step, "train", mean)
-  logging.info("step %d/%d loss=%.4f l1=%.4f giou=%.4f labels=%.4f %.1f img/s ETA %.1f min",
-               step, run.num_steps, mean["loss"], mean["l1"], mean["giou"], mean["labels"],
+  parts = " ".join(f"{k}={mean[k]:.4f}" for k in ("loss", "l1", "giou", "labels", "contrastive")
+                   if k in mean)
+  logging.info("step %d/%d %s %.1f img/s ETA %.1f min", step, run.num_steps, parts,
                mean["images_per_s"], mean["eta_min"])
 
 
 def evaluate_checkpoint(config: Any, workdir: str) -> dict:
   """Scores the workdir's latest (or best, per ``eval.checkpoint``) checkpoint on the eval split."""
   run = Stage1(config, workdir)
-  which = config.eval.checkpoint
-  step = {"latest": run.checkpointer.latest_step(), "best": run.checkpointer.best_step()}.get(which)
-  if step is None:
-    raise FileNotFoundError(f"no {which!r} checkpoint in {run.checkpointer.directory}: train first "
-                            "(--mode=train) with the same --workdir")
-  run.check_compatible(run.checkpointer.read_meta(step))
-  state, _ = run.checkpointer.restore(step, run.abstract_state, None)
+  state, step = run.restore_for_eval()
   baseline = stage1_data.mean_train_boxes(run.records_dir, config.data.train_split)
   try:
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
@@ -250,10 +304,5 @@ def evaluate_checkpoint(config: Any, workdir: str) -> dict:
   finally:
     run.checkpointer.close()
   out["step"] = step
-  if jax.process_index() == 0:
-    path = os.path.join(workdir, f"eval_{config.data.eval_split}_step{step}.json")
-    with open(path, "w") as f:
-      json.dump(out, f, indent=2)
-    logging.info("eval of step %d on %s: %s (all metrics in %s)", step, config.data.eval_split,
-                 _summary(out), path)
+  _report(run, out, config.data.eval_split)
   return out

@@ -2,12 +2,13 @@
 
 ``train_step(state, batch, rng) -> (state, metrics)``; ``eval_step(state, batch) -> (outputs, parts)``.
 Batch keys (global arrays, B = global batch): ``image [B, H, W, 1]``, ``boxes [B, N, 4]``,
-``box_mask [B, N]``, ``labels [B, C]``, ``valid [B]``, ``index [B]``.
+``box_mask [B, N]``, ``labels [B, C]``, ``valid [B]``, ``index [B]``, and with the contrastive
+term ``text_pooled [B, N, D_text]`` (the frozen encoder's sentence embeddings).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -19,11 +20,14 @@ from anatomix_jax import losses
 from anatomix_jax.train.state import TrainState, param_groups
 
 
+def _apply(model: nn.Module, params: Any, consts: Any, batch: dict, **kwargs) -> dict:
+  return model.apply({"params": params, "batch_stats": consts}, batch["image"],
+                     text_pooled=batch.get("text_pooled"), **kwargs)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_cfg: Any,
-                    optim_cfg: Any,
-                    extra_terms: Mapping[str, tuple[float, losses.LossTerm]] | None = None
-                    ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
-  """Builds the pure training step.
+                    optim_cfg: Any) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+  """Builds the pure training step (losses as ``loss_cfg`` configures, extra terms included).
 
   Frozen parameters (``optim_cfg.frozen``) enter the loss through ``stop_gradient``, so XLA never
   computes their weight gradients (the optimizer would discard them anyway).
@@ -32,6 +36,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_cfg
   step counter still advances, keeping data and dropout streams aligned) and reports
   ``nonfinite = 1``; the loop stops with an error on it, so a NaN never reaches a checkpoint.
   """
+  extra_terms = losses.configured_terms(loss_cfg)
+
   def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
     dropout_rng = jax.random.fold_in(rng, state.step)
     groups = param_groups(state.params, optim_cfg)
@@ -39,8 +45,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_cfg
     def loss_fn(params):
       params = jax.tree.map(lambda p, g: jax.lax.stop_gradient(p) if g == "frozen" else p,
                             params, groups)
-      outputs = model.apply({"params": params, "batch_stats": state.consts}, batch["image"],
-                            train=True, rngs={"dropout": dropout_rng})
+      outputs = _apply(model, params, state.consts, batch, train=True, rngs={"dropout": dropout_rng})
       return losses.stage1_losses(outputs, batch, loss_cfg, extra_terms)
 
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -59,11 +64,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_cfg
 
 def make_eval_step(model: nn.Module, loss_cfg: Any) -> Callable[[TrainState, dict], tuple[dict, dict]]:
   """Builds the pure evaluation step: predictions for metrics plus the loss parts of the batch."""
+  extra_terms = losses.configured_terms(loss_cfg)
+
   def eval_step(state: TrainState, batch: dict) -> tuple[dict, dict]:
-    outputs = model.apply({"params": state.params, "batch_stats": state.consts}, batch["image"],
-                          train=False)
-    _, parts = losses.stage1_losses(outputs, batch, loss_cfg)
-    return {"boxes": outputs["boxes"], "image_logits": outputs["image_logits"]}, parts
+    outputs = _apply(model, state.params, state.consts, batch, train=False)
+    _, parts = losses.stage1_losses(outputs, batch, loss_cfg, extra_terms)
+    keep = ("boxes", "image_logits", "anatomy_embeddings")
+    return {k: outputs[k] for k in keep}, parts
 
   return eval_step
 

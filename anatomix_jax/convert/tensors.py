@@ -1,0 +1,128 @@
+"""Shared pieces of the declarative weight converters: tensor transforms, tree paths, file readers.
+
+A converter is a NAME TABLE (one rule per foreign tensor: its key, our leaf path(s), a transform
+kind) plus the per-kind ``TRANSFORMS`` below; ``convert/reference_apm.py`` (the original APM) and
+``convert/hf_bert.py`` (Hugging Face BERT) are the two tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """How one torch tensor becomes one or more of our leaves, and back.
+
+  Attributes:
+    to_flax: (torch tensor, heads) → our arrays, in the order of ``Rule.paths``.
+    to_torch: (our arrays, heads) → the torch tensor.
+    torch_shape: (our shapes, heads) → the torch shape, without touching data.
+  """
+
+  to_flax: Callable[[np.ndarray, int], tuple[np.ndarray, ...]]
+  to_torch: Callable[[Sequence[np.ndarray], int], np.ndarray]
+  torch_shape: Callable[[Sequence[tuple[int, ...]], int], tuple[int, ...]]
+
+
+def split_heads(w: np.ndarray, heads: int) -> np.ndarray:
+  """torch Linear weight [D_out, D_in] → kernel [D_in, heads, D_out / heads] (head-major)."""
+  return w.T.reshape(w.shape[1], heads, w.shape[0] // heads)
+
+
+TRANSFORMS: dict[str, Transform] = {
+    "copy": Transform(
+        to_flax=lambda t, h: (t,),
+        to_torch=lambda a, h: a[0],
+        torch_shape=lambda s, h: tuple(s[0])),
+    "conv": Transform(
+        to_flax=lambda t, h: (t.transpose(2, 3, 1, 0),),
+        to_torch=lambda a, h: a[0].transpose(3, 2, 0, 1),
+        torch_shape=lambda s, h: (s[0][3], s[0][2], s[0][0], s[0][1])),
+    "linear": Transform(
+        to_flax=lambda t, h: (t.T,),
+        to_torch=lambda a, h: a[0].T,
+        torch_shape=lambda s, h: (s[0][1], s[0][0])),
+    "in_proj_weight": Transform(
+        to_flax=lambda t, h: tuple(split_heads(w, h) for w in np.split(t, 3, axis=0)),
+        to_torch=lambda a, h: np.concatenate([k.reshape(k.shape[0], -1).T for k in a], axis=0),
+        torch_shape=lambda s, h: (sum(x[1] * x[2] for x in s), s[0][0])),
+    "in_proj_bias": Transform(
+        to_flax=lambda t, h: tuple(b.reshape(h, -1) for b in np.split(t, 3)),
+        to_torch=lambda a, h: np.concatenate([b.reshape(-1) for b in a]),
+        torch_shape=lambda s, h: (sum(x[0] * x[1] for x in s),)),
+    "out_proj_weight": Transform(
+        to_flax=lambda t, h: (t.T.reshape(h, t.shape[1] // h, t.shape[0]),),
+        to_torch=lambda a, h: a[0].reshape(-1, a[0].shape[-1]).T,
+        torch_shape=lambda s, h: (s[0][2], s[0][0] * s[0][1])),
+}
+
+
+def get_path(tree: Mapping[str, Any], path: Path) -> Any:
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
+def set_path(tree: dict[str, Any], path: Path, value: Any) -> None:
+  for name in path[:-1]:
+    tree = tree.setdefault(name, {})
+  tree[path[-1]] = value
+
+
+def leaf_paths(tree: Any) -> set[Path]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {tuple(str(getattr(k, "key", k)) for k in kp) for kp, _ in flat}
+
+
+def key_list(keys: Sequence[str], limit: int = 8) -> str:
+  keys = sorted(keys)
+  more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
+  return ", ".join(keys[:limit]) + more
+
+
+def read_torch_file(path: str) -> Any:
+  try:
+    import torch  # noqa: PLC0415 (optional dependency)
+  except ImportError as err:
+    raise ValueError(f"{path}: reading a PyTorch checkpoint needs torch; install it or convert the "
+                     "file to safetensors") from err
+  try:
+    return torch.load(path, weights_only=True, map_location="cpu")
+  except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as err:
+    raise ValueError(
+        f"{path}: cannot be read with torch.load(weights_only=True) (it holds non-tensor objects, "
+        "e.g. the reference's training checkpoints store 'args'). In an environment you trust, "
+        "re-save only the weights, e.g. torch.save(torch.load(p, weights_only=False)['model'], out), "
+        f"or save them as safetensors. ({type(err).__name__}: {err})") from err
+
+
+def read_safetensors(path: str) -> dict[str, Any]:
+  from safetensors import safe_open  # noqa: PLC0415
+  try:
+    with safe_open(path, framework="numpy") as f:
+      return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+  except Exception as err:  # noqa: BLE001 (the library raises several kinds)
+    numpy_error = err
+  try:  # bfloat16 tensors have no NumPy dtype: read them through torch when it is installed
+    with safe_open(path, framework="pt") as f:
+      return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+  except Exception:  # noqa: BLE001
+    raise ValueError(f"{path}: not a readable safetensors file ({numpy_error})") from numpy_error
+
+
+def to_numpy(value: Any) -> np.ndarray:
+  if hasattr(value, "detach"):  # a torch tensor; NumPy has no bfloat16, so widen first
+    value = value.detach().cpu()
+    if not value.is_floating_point() or value.element_size() < 4:
+      value = value.float()
+    return value.numpy()
+  return np.asarray(value)
