@@ -60,6 +60,7 @@ DEFAULT_RULES = (
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),
     ("kv", None),
     ("conv_in", None),
     ("conv_out", "fsdp"),
