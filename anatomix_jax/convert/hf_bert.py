@@ -6,7 +6,7 @@ downloaded: the tokenizer is read with ``local_files_only=True``.
 
 Weights map onto our leaves through a declarative NAME TABLE (``name_table(config)``; templates in
 ``EMBEDDING_RULES`` and ``LAYER_RULES``) and per-kind tensor transforms (``BERT_TRANSFORMS``, which
-reuse ``convert.reference_apm.TRANSFORMS``):
+come from ``convert.tensors.TRANSFORMS``):
 
   ``copy``            unchanged (embeddings, biases, LayerNorm)
   ``linear``          [out, in] → [in, out]
@@ -39,7 +39,7 @@ import numpy as np
 
 from anatomix_jax.convert.tensors import (
     TRANSFORMS, Transform, get_path, key_list, read_safetensors, read_torch_file, set_path,
-    split_heads, to_numpy)
+    to_numpy)
 from anatomix_jax.models.bert import BertConfig, BertModel, mean_pool
 
 Path = tuple[str, ...]
@@ -66,18 +66,7 @@ class BertFileNotFoundError(FileNotFoundError):
 # --- Tensor transforms and name table -------------------------------------------------------------
 
 BERT_TRANSFORMS: dict[str, Transform] = {
-    "copy": TRANSFORMS["copy"],
-    "linear": TRANSFORMS["linear"],
-    "out_proj_weight": TRANSFORMS["out_proj_weight"],
-    "heads_kernel": Transform(
-        to_flax=lambda t, h: (split_heads(t, h),),
-        to_torch=lambda a, h: a[0].reshape(a[0].shape[0], -1).T,
-        torch_shape=lambda s, h: (s[0][1] * s[0][2], s[0][0])),
-    "heads_bias": Transform(
-        to_flax=lambda t, h: (t.reshape(h, -1),),
-        to_torch=lambda a, h: a[0].reshape(-1),
-        torch_shape=lambda s, h: (s[0][0] * s[0][1],)),
-}
+    k: TRANSFORMS[k] for k in ("copy", "linear", "out_proj_weight", "heads_kernel", "heads_bias")}
 
 # (HF key without prefix, our '/'-joined path, transform); "{i}" stands for the layer index.
 EMBEDDING_RULES = (

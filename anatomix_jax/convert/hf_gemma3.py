@@ -41,7 +41,6 @@ import numpy as np
 
 from anatomix_jax.config_lib import DEFAULT_RULES
 from anatomix_jax.convert.tensors import TRANSFORMS, Transform, get_path, key_list, set_path
-from anatomix_jax.convert.tensors import split_heads
 from anatomix_jax.models.gemma3 import Gemma3Config, abstract_variables
 from anatomix_jax.train.sharding import logical_shardings
 
@@ -75,14 +74,7 @@ class Gemma3FileNotFoundError(FileNotFoundError):
 # --- Tensor transforms and name table -------------------------------------------------------------
 
 GEMMA3_TRANSFORMS: dict[str, Transform] = {
-    "copy": TRANSFORMS["copy"],
-    "linear": TRANSFORMS["linear"],
-    "out_proj_weight": TRANSFORMS["out_proj_weight"],
-    "heads_kernel": Transform(
-        to_flax=lambda t, h: (split_heads(t, h),),
-        to_torch=lambda a, h: a[0].reshape(a[0].shape[0], -1).T,
-        torch_shape=lambda s, h: (s[0][1] * s[0][2], s[0][0])),
-}
+    k: TRANSFORMS[k] for k in ("copy", "linear", "out_proj_weight", "heads_kernel")}
 
 # (HF key without the layout prefix, our '/'-joined path, transform, heads); "{i}": layer index;
 # heads "q" = num_attention_heads, "kv" = num_key_value_heads, None = not split by head.

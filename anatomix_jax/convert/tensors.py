@@ -59,6 +59,15 @@ TRANSFORMS: dict[str, Transform] = {
         to_flax=lambda t, h: tuple(b.reshape(h, -1) for b in np.split(t, 3)),
         to_torch=lambda a, h: np.concatenate([b.reshape(-1) for b in a]),
         torch_shape=lambda s, h: (sum(x[0] * x[1] for x in s),)),
+    # A separate q/k/v Linear weight [heads·d_head, D] → kernel [D, heads, d_head], and its bias.
+    "heads_kernel": Transform(
+        to_flax=lambda t, h: (split_heads(t, h),),
+        to_torch=lambda a, h: a[0].reshape(a[0].shape[0], -1).T,
+        torch_shape=lambda s, h: (s[0][1] * s[0][2], s[0][0])),
+    "heads_bias": Transform(
+        to_flax=lambda t, h: (t.reshape(h, -1),),
+        to_torch=lambda a, h: a[0].reshape(-1),
+        torch_shape=lambda s, h: (s[0][0] * s[0][1],)),
     "out_proj_weight": Transform(
         to_flax=lambda t, h: (t.T.reshape(h, t.shape[1] // h, t.shape[0]),),
         to_torch=lambda a, h: a[0].reshape(-1, a[0].shape[-1]).T,
