@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
 import shutil
+import sys
 
 import flax.linen as nn
 import jax
@@ -16,7 +18,7 @@ import torch
 import transformers
 
 from anatomix_jax.config_lib import DEFAULT_RULES
-from anatomix_jax.convert import hf_bert
+from anatomix_jax.convert import hf_bert, tensors
 from anatomix_jax.models.bert import BertConfig, BertModel, TextProjection, mean_pool
 
 # Prime-ish sizes so that a transposed or mis-split tensor cannot pass by symmetry.
@@ -148,6 +150,21 @@ def test_pytorch_bin_layout(tiny, loaded, tmp_path):
   config, params = hf_bert.load_bert(tmp_path)
   assert config == loaded[0]
   jax.tree.map(np.testing.assert_array_equal, params, loaded[1])
+
+
+def test_bfloat16_safetensors_load_without_torch(tiny, tmp_path, monkeypatch):
+  path, torch_model = tiny
+  shutil.copy(os.path.join(path, "config.json"), tmp_path)
+  half = copy.deepcopy(torch_model).to(torch.bfloat16)  # the fixture's model is shared
+  half.save_pretrained(tmp_path, safe_serialization=True)
+  # The reference: torch's own bf16 → float32 widening of the same tensors.
+  want = {k: v.float().numpy() for k, v in half.state_dict().items()}
+  monkeypatch.setitem(sys.modules, "torch", None)  # BF16 must not need torch
+  state = tensors.read_safetensors(str(tmp_path / "model.safetensors"))
+  for key, value in want.items():
+    np.testing.assert_array_equal(np.asarray(state[key], np.float32), value, err_msg=key)
+  config, params = hf_bert.load_bert(tmp_path)
+  assert config == hf_bert.read_config(path)
 
 
 def test_prefixed_layout_of_masked_lm(tmp_path):

@@ -23,7 +23,6 @@ names ``gamma``/``beta`` are read as ``weight``/``bias``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 import json
@@ -38,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from anatomix_jax.convert.tensors import (
-    TRANSFORMS, Transform, get_path, key_list, read_safetensors, read_torch_file, set_path,
-    to_numpy)
+    TRANSFORMS, HFRule, Transform, get_path, key_list, read_safetensors, read_torch_file,
+    set_path, to_numpy)
 from anatomix_jax.models.bert import BertConfig, BertModel, mean_pool
 
 Path = tuple[str, ...]
@@ -97,28 +96,11 @@ LAYER_RULES = tuple(
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class BertRule:
-  """One HF tensor ↔ one of our leaves.
-
-  Attributes:
-    hf_key: the key without the layout prefix (``bert.`` etc.).
-    path: our leaf path inside ``params``.
-    kind: a ``BERT_TRANSFORMS`` key.
-    heads: attention heads (head-splitting transforms only).
-  """
-
-  hf_key: str
-  path: Path
-  kind: str
-  heads: int
-
-
 @functools.lru_cache(maxsize=16)
-def name_table(config: BertConfig) -> tuple[BertRule, ...]:
+def name_table(config: BertConfig) -> tuple[HFRule, ...]:
   """Every HF key of the encoder at ``config`` with its leaf, in HF's module order."""
   heads = config.num_attention_heads
-  rule = lambda key, path, kind, **fmt: BertRule(  # noqa: E731
+  rule = lambda key, path, kind, **fmt: HFRule(  # noqa: E731
       key.format(**fmt), tuple(path.format(**fmt).split("/")), kind, heads)
   rules = [rule(*r) for r in EMBEDDING_RULES]
   for i in range(config.num_hidden_layers):

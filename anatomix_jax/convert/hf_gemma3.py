@@ -26,10 +26,8 @@ Weights map onto our leaves through a declarative NAME TABLE (``name_table(confi
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import mmap
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -40,7 +38,8 @@ import jax
 import numpy as np
 
 from anatomix_jax.config_lib import DEFAULT_RULES
-from anatomix_jax.convert.tensors import TRANSFORMS, Transform, get_path, key_list, set_path
+from anatomix_jax.convert.tensors import (
+    TRANSFORMS, HFRule, Transform, get_path, key_list, read_bf16_tensor, set_path)
 from anatomix_jax.models.gemma3 import Gemma3Config, abstract_variables
 from anatomix_jax.train.sharding import logical_shardings
 
@@ -99,28 +98,11 @@ LAYER_RULES = (
                  "post_feedforward_layernorm"))
 
 
-@dataclasses.dataclass(frozen=True)
-class Gemma3Rule:
-  """One HF tensor ↔ one of our leaves.
-
-  Attributes:
-    hf_key: the key without the layout prefix.
-    path: our leaf path inside ``params``.
-    kind: a ``GEMMA3_TRANSFORMS`` key.
-    heads: heads of the head-splitting transforms (1 otherwise).
-  """
-
-  hf_key: str
-  path: Path
-  kind: str
-  heads: int
-
-
 @functools.lru_cache(maxsize=16)
-def name_table(config: Gemma3Config) -> tuple[Gemma3Rule, ...]:
+def name_table(config: Gemma3Config) -> tuple[HFRule, ...]:
   """Every HF key of the text model at ``config`` with its leaf."""
   heads = {"q": config.num_attention_heads, "kv": config.num_key_value_heads, None: 1}
-  rule = lambda key, path, kind, h, **fmt: Gemma3Rule(  # noqa: E731
+  rule = lambda key, path, kind, h, **fmt: HFRule(  # noqa: E731
       key.format(**fmt), tuple(path.format(**fmt).split("/")), kind, heads[h])
   rules = [rule(*r) for r in GLOBAL_RULES]
   for i in range(config.num_hidden_layers):
@@ -186,19 +168,6 @@ def read_config(model_dir: str | os.PathLike, **overrides: Any) -> tuple[Gemma3C
     raise Gemma3LoadError(f"{path}: {err}") from err
 
 
-def _bf16_reader(path: str, key: str) -> np.ndarray:
-  """Reads a BF16 tensor through a memory map (NumPy has no bfloat16; ml_dtypes does)."""
-  import ml_dtypes  # noqa: PLC0415 (a jax dependency)
-  with open(path, "rb") as f:
-    header_len = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(header_len))
-    info = header[key]
-    start, end = info["data_offsets"]
-    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-      raw = mm[8 + header_len + start:8 + header_len + end]
-  return np.frombuffer(raw, ml_dtypes.bfloat16).reshape(info["shape"])
-
-
 class _Checkpoint:
   """The tensors of a (possibly sharded) safetensors checkpoint, read lazily by key."""
 
@@ -254,7 +223,7 @@ class _Checkpoint:
   def get(self, key: str) -> np.ndarray:
     handle = self._handle(key)
     if handle.get_slice(key).get_dtype() == "BF16":
-      return _bf16_reader(self.files[key], key)
+      return read_bf16_tensor(self.files[key], key)
     return handle.get_tensor(key)
 
 

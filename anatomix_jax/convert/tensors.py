@@ -8,6 +8,8 @@ kind) plus the per-kind ``TRANSFORMS`` below; ``convert/reference_apm.py`` (the 
 from __future__ import annotations
 
 import dataclasses
+import json
+import mmap
 import pickle
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -31,6 +33,23 @@ class Transform:
   to_flax: Callable[[np.ndarray, int], tuple[np.ndarray, ...]]
   to_torch: Callable[[Sequence[np.ndarray], int], np.ndarray]
   torch_shape: Callable[[Sequence[tuple[int, ...]], int], tuple[int, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class HFRule:
+  """One Hugging Face tensor ↔ one of our leaves (the BERT and Gemma3 name tables).
+
+  Attributes:
+    hf_key: the key without the checkpoint layout's prefix.
+    path: our leaf path inside ``params``.
+    kind: a ``TRANSFORMS`` key.
+    heads: heads of the head-splitting transforms (ignored by the others).
+  """
+
+  hf_key: str
+  path: Path
+  kind: str
+  heads: int
 
 
 def split_heads(w: np.ndarray, heads: int) -> np.ndarray:
@@ -114,14 +133,29 @@ def read_torch_file(path: str) -> Any:
         f"or save them as safetensors. ({type(err).__name__}: {err})") from err
 
 
+def read_bf16_tensor(path: str, key: str) -> np.ndarray:
+  """One BF16 tensor of a safetensors file through a memory map, as an ``ml_dtypes.bfloat16``
+  array (the safetensors NumPy reader refuses BF16, NumPy having no such dtype)."""
+  import ml_dtypes  # noqa: PLC0415 (a jax dependency)
+  with open(path, "rb") as f:
+    header_len = int.from_bytes(f.read(8), "little")
+    info = json.loads(f.read(header_len))[key]
+    start, end = info["data_offsets"]
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+      raw = mm[8 + header_len + start:8 + header_len + end]
+  return np.frombuffer(raw, ml_dtypes.bfloat16).reshape(info["shape"])
+
+
 def read_safetensors(path: str) -> dict[str, Any]:
+  """All tensors of a safetensors file as NumPy arrays (BF16 via :func:`read_bf16_tensor`)."""
   from safetensors import safe_open  # noqa: PLC0415
   try:
     with safe_open(path, framework="numpy") as f:
-      return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+      return {key: read_bf16_tensor(path, key) if f.get_slice(key).get_dtype() == "BF16"
+              else f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
   except Exception as err:  # noqa: BLE001 (the library raises several kinds)
     numpy_error = err
-  try:  # bfloat16 tensors have no NumPy dtype: read them through torch when it is installed
+  try:  # other dtypes NumPy cannot name: read them through torch when it is installed
     with safe_open(path, framework="pt") as f:
       return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
   except Exception:  # noqa: BLE001
