@@ -26,20 +26,26 @@ import safetensors.numpy
 from absl import logging
 
 from anatomix_jax.convert import hf_bert
+from anatomix_jax.models.bert import BertConfig
 
 RANDOM_ENCODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                       intermediate_size=128, max_position_embeddings=128)
 _SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-def resolve_encoder_dir(text_cfg: Any, workdir: str, sentences: Sequence[str]) -> str:
-  """The configured encoder directory, or the fallback (see the module docstring)."""
-  if text_cfg.encoder_dir:
-    return text_cfg.encoder_dir
-  if not text_cfg.allow_fallback:
+def check_config(text_cfg: Any) -> None:
+  """Raises unless ``text_cfg`` names an encoder directory or allows the fallback."""
+  if not text_cfg.encoder_dir and not text_cfg.allow_fallback:
     raise ValueError("config.text.encoder_dir is empty: set it to a local Hugging Face BERT "
                      "directory (the paper uses microsoft/BiomedNLP-PubMedBERT-base-uncased-"
                      "abstract-fulltext), or set --config.loss.contrastive=0")
+
+
+def resolve_encoder_dir(text_cfg: Any, workdir: str, sentences: Sequence[str]) -> str:
+  """The configured encoder directory, or the fallback (see the module docstring)."""
+  check_config(text_cfg)
+  if text_cfg.encoder_dir:
+    return text_cfg.encoder_dir
   packaged = hf_bert.packaged_minilm_dir()
   if packaged:
     logging.info("text encoder: the packaged all-MiniLM-L6-v2 (%s)", packaged)
@@ -75,24 +81,15 @@ def write_random_encoder(directory: str, sentences: Sequence[str], seed: int = 0
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(cfg, f, indent=2)
   rng = np.random.default_rng(seed)
-  h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-  normal = lambda *shape: rng.normal(0, 0.02, shape).astype(np.float32)  # noqa: E731
-  zeros = lambda n: np.zeros((n,), np.float32)  # noqa: E731
-  tensors = {"embeddings.word_embeddings.weight": normal(len(vocab), h),
-             "embeddings.position_embeddings.weight": normal(cfg["max_position_embeddings"], h),
-             "embeddings.token_type_embeddings.weight": normal(2, h),
-             "embeddings.LayerNorm.weight": np.ones((h,), np.float32),
-             "embeddings.LayerNorm.bias": zeros(h)}
-  for i in range(cfg["num_hidden_layers"]):
-    p = f"encoder.layer.{i}."
-    for name in ("attention.self.query", "attention.self.key", "attention.self.value",
-                 "attention.output.dense"):
-      tensors[p + name + ".weight"], tensors[p + name + ".bias"] = normal(h, h), zeros(h)
-    tensors[p + "intermediate.dense.weight"] = normal(inter, h)
-    tensors[p + "intermediate.dense.bias"] = zeros(inter)
-    tensors[p + "output.dense.weight"], tensors[p + "output.dense.bias"] = normal(h, inter), zeros(h)
-    for name in ("attention.output.LayerNorm", "output.LayerNorm"):
-      tensors[p + name + ".weight"], tensors[p + name + ".bias"] = np.ones((h,), np.float32), zeros(h)
+  tensors = {}
+  # Every tensor the loader's name table expects, in its shape (hf_bert is the one list of them).
+  for key, shape in hf_bert.expected_hf_shapes(BertConfig.from_hf_dict(cfg)).items():
+    if key.endswith(".bias"):
+      tensors[key] = np.zeros(shape, np.float32)
+    elif "LayerNorm" in key:
+      tensors[key] = np.ones(shape, np.float32)
+    else:
+      tensors[key] = rng.normal(0, 0.02, shape).astype(np.float32)
   safetensors.numpy.save_file(tensors, os.path.join(directory, "model.safetensors"))
 
 

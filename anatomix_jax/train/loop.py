@@ -37,8 +37,8 @@ class Stage1:
     contrastive loss is on); the model then has its text projection head."""
     self.config, self.workdir = config, workdir
     text = bool(config.loss.contrastive) if text is None else text
-    if text and not config.text.encoder_dir and not config.text.allow_fallback:
-      text_embeddings.resolve_encoder_dir(config.text, workdir, ())  # raises, before any work
+    if text:
+      text_embeddings.check_config(config.text)  # before any data is generated or read
     self.mesh = sharding_lib.make_mesh(config.mesh)
     self.rules = tuple(tuple(r) for r in config.sharding_rules)
     # Validate batch layouts before any data is generated or anything is compiled.
