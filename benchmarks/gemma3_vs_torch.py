@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from anatomix_jax.convert import hf_gemma3  # noqa: E402
 from anatomix_jax.models import gemma3  # noqa: E402
 from anatomix_jax.models import generate as gen  # noqa: E402
+import timing  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 S, F = gemma3.SLIDING, gemma3.FULL
 SIZES = {
@@ -58,19 +58,6 @@ SIZES = {
                   train=(2, 128), prompt=16, new=32),
 }
 LR, WEIGHT_DECAY = 1e-4, 0.01
-
-
-def _timed(fn, repeats: int) -> dict:
-  """Runs ``fn`` once (warm-up), then ``repeats`` times: seconds of the first and the median."""
-  t0 = time.perf_counter()
-  fn()
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return {"first_s": first, "median_s": statistics.median(times), "times_s": times}
 
 
 def _round(d: dict) -> dict:
@@ -119,7 +106,7 @@ def bench_train(model, config, params_np, batch: int, seq: int, repeats: int) ->
     state["p"], state["s"], loss = compiled(state["p"], state["s"], ids)
     state["losses"].append(float(loss))  # blocks
 
-  jax_t = _timed(jax_step, repeats)
+  jax_t = timing.timed(jax_step, repeats)
   # torch: loss.backward(); opt.step().
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8,
@@ -134,7 +121,7 @@ def bench_train(model, config, params_np, batch: int, seq: int, repeats: int) ->
     opt.step()
     losses.append(float(loss.detach()))
 
-  torch_t = _timed(torch_step, repeats)
+  torch_t = timing.timed(torch_step, repeats)
   model.eval()
   tokens = batch * seq
   out = {"batch": batch, "seq": seq, "jax_compile_s": compile_s,
@@ -162,8 +149,8 @@ def bench_decode(model, config, params, batch: int, prompt: int, new: int, repea
                            do_sample=False, use_cache=True, max_new_tokens=new, pad_token_id=0)
     result["torch"] = out[:, prompt:].numpy()
 
-  jax_t = _timed(jax_run, repeats)
-  torch_t = _timed(torch_run, repeats)
+  jax_t = timing.timed(jax_run, repeats)
+  torch_t = timing.timed(torch_run, repeats)
   assert result["torch"].shape == result["jax"].shape == (batch, new), result["torch"].shape
   tokens = batch * new
   out = {"batch": batch, "prompt": prompt, "new_tokens": new,

@@ -22,9 +22,7 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -35,21 +33,12 @@ from anatomix_jax.models import apm, bert  # noqa: E402
 from anatomix_jax.rag import retrieval  # noqa: E402
 from anatomix_jax.train import sharding, state as state_lib, steps  # noqa: E402
 from configs import stage1  # noqa: E402
+import timing  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 SHAPES = {"minilm_l6": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                             intermediate_size=1536),
           "bert_base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                             intermediate_size=3072)}
-
-
-def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
-  fn()  # compile / warm up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), times
 
 
 def bench_retrieval(layout: str, table_size: int, repeats: int, batch: int = 48, dim: int = 16
@@ -65,15 +54,15 @@ def bench_retrieval(layout: str, table_size: int, repeats: int, batch: int = 48,
          "largest_table": max(sizes), "database_size": sum(sizes), "dim": dim}
   fn = jax.jit(retrieval.top_k, static_argnames="k")
   for k in (1, 5):
-    median, _ = _median_time(lambda: jax.block_until_ready(fn(jnp.asarray(queries), tables, k=k)),
-                             repeats)
+    median = timing.timed(lambda: jax.block_until_ready(fn(jnp.asarray(queries), tables, k=k)),
+                          repeats)["median_s"]
     out[f"jax_top{k}_ms_median"] = round(1e3 * median, 2)
 
   def numpy_top1():
     q = unit(queries)
     return np.stack([np.argmax(q[:, a] @ tables_np[a].T, axis=1) for a in range(36)], 1)
 
-  median, _ = _median_time(numpy_top1, repeats)
+  median = timing.timed(numpy_top1, repeats)["median_s"]
   out["numpy_top1_ms_median"] = round(1e3 * median, 2)
   out["speedup_vs_numpy_top1"] = round(out["numpy_top1_ms_median"] / out["jax_top1_ms_median"], 2)
   ids = np.asarray(fn(jnp.asarray(queries), tables, k=1)[1])[..., 0]
@@ -93,7 +82,7 @@ def _encoder(shape: str, tokens: int, rows: int):
 def bench_encoder(repeats: int, tokens: int = 32, rows: int = 64) -> dict:
   out = {"name": "text_encoder", "tokens": tokens, "rows_per_call": rows}
   for shape in SHAPES:
-    median, _ = _median_time(_encoder(shape, tokens, rows), max(3, repeats // 2))
+    median = timing.timed(_encoder(shape, tokens, rows), max(3, repeats // 2))["median_s"]
     out[f"{shape}_sentences_per_s"] = round(rows / median, 1)
   return out
 
@@ -132,8 +121,8 @@ def bench_step(repeats: int, encoder_throughput: dict, tokens: int = 32) -> dict
       encode()  # the reference's per-step forward of the frozen encoder over B·36 sentences
       cached()
 
-    step_cached, _ = _median_time(cached, repeats)
-    step_encoded, _ = _median_time(re_encoded, repeats)
+    step_cached = timing.timed(cached, repeats)["median_s"]
+    step_encoded = timing.timed(re_encoded, repeats)["median_s"]
   sentences = batch * 36
   base = encoder_throughput["bert_base_sentences_per_s"]
   return {"name": "stage1_step_text", "model": "demo", "batch": batch, "sentences_per_step": sentences,
