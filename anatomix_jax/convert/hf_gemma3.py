@@ -26,6 +26,7 @@ Weights map onto our leaves through a declarative NAME TABLE (``name_table(confi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -40,6 +41,7 @@ import numpy as np
 from anatomix_jax.config_lib import DEFAULT_RULES
 from anatomix_jax.convert.tensors import (
     TRANSFORMS, HFRule, Transform, get_path, key_list, read_bf16_tensor, set_path)
+from anatomix_jax.models import lora as lora_lib
 from anatomix_jax.models.gemma3 import Gemma3Config, abstract_variables
 from anatomix_jax.train.sharding import logical_shardings
 
@@ -337,11 +339,80 @@ def export_gemma3(params: Mapping[str, Any], config: Gemma3Config, out_dir: str 
   from safetensors.numpy import save_file  # noqa: PLC0415
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  state = to_hf_state_dict(nn.unbox(params), config, LAYOUT_PREFIXES[CAUSAL_LM][0])
+  params = nn.unbox(params)
+  if lora_lib.lora_leaves(params):
+    if not config.lora.rank:
+      raise Gemma3LoadError("params hold LoRA leaves but config.lora.rank is 0 (pass the config "
+                            "the adapters were trained with)")
+    params = lora_lib.merge(params, config.lora)  # the exported model is the merged one
+  config = dataclasses.replace(config, lora=lora_lib.LoraSpec())
+  state = to_hf_state_dict(params, config, LAYOUT_PREFIXES[CAUSAL_LM][0])
   hf_config = config.to_hf_dict()
   hf_config["dtype"] = str(next(iter(state.values())).dtype)
   with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
     json.dump(hf_config, f, indent=2)
   path = os.path.join(out_dir, SINGLE_FILE)
+  save_file(state, path, metadata={"format": "pt"})
+  return path
+
+
+# --- LoRA adapters in PEFT's format ------------------------------------------------------------
+
+PEFT_PREFIXES = {CAUSAL_LM: "base_model.model.model.",
+                 CONDITIONAL: "base_model.model.model.language_model."}
+# our module group → the HF submodule that holds the projection.
+_LORA_GROUPS = {"q_proj": ("attn", "self_attn"), "k_proj": ("attn", "self_attn"),
+                "v_proj": ("attn", "self_attn"), "o_proj": ("attn", "self_attn"),
+                "gate_proj": ("mlp", "mlp"), "up_proj": ("mlp", "mlp"),
+                "down_proj": ("mlp", "mlp")}
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+
+def to_peft_state_dict(params: Mapping[str, Any], config: Gemma3Config,
+                       layout: str = CAUSAL_LM) -> dict[str, np.ndarray]:
+  """The LoRA leaves as PEFT tensors: ``…layers.{i}.self_attn.q_proj.lora_A.weight`` [r, in] and
+  ``….lora_B.weight`` [out, r] (in/out flattened as in the HF linear layer)."""
+  spec, params = config.lora, nn.unbox(params)
+  if not spec.rank:
+    raise Gemma3LoadError("config.lora.rank is 0: there are no adapters to export")
+  prefix, out = PEFT_PREFIXES[layout], {}
+  for i in range(config.num_hidden_layers):
+    for name in spec.targets:
+      ours, theirs = _LORA_GROUPS[name]
+      try:
+        leaf = params[f"layers_{i}"][ours][name]
+        a, b = (np.asarray(jax.device_get(leaf[k]), np.float32) for k in lora_lib.LORA_LEAVES)
+      except KeyError as err:
+        raise Gemma3LoadError(f"params lack layers_{i}/{ours}/{name}/lora_a|lora_b") from err
+      key = f"{prefix}layers.{i}.{theirs}.{name}"
+      out[f"{key}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, spec.rank).T)
+      out[f"{key}.lora_B.weight"] = np.ascontiguousarray(b.reshape(spec.rank, -1).T)
+  return out
+
+
+def export_peft_adapter(params: Mapping[str, Any], config: Gemma3Config,
+                        out_dir: str | os.PathLike, base_model: str = "",
+                        layout: str = CAUSAL_LM) -> str:
+  """Writes a PEFT LoRA adapter directory (``adapter_config.json`` + safetensors, float32).
+
+  Only the low-rank matrices are written; the embedding table that AnatomiX step 2 also trains
+  is in the merged export (``export_gemma3``), which is the complete model.
+
+  Returns:
+    The path of the adapter weight file.
+  """
+  from safetensors.numpy import save_file  # noqa: PLC0415
+  state = to_peft_state_dict(params, config, layout)
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  spec = config.lora
+  adapter_config = {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank, "lora_alpha": spec.alpha,
+      "lora_dropout": spec.dropout, "target_modules": sorted(spec.targets), "bias": "none",
+      "fan_in_fan_out": False, "base_model_name_or_path": base_model}
+  with open(os.path.join(out_dir, ADAPTER_CONFIG_FILE), "w", encoding="utf-8") as f:
+    json.dump(adapter_config, f, indent=2)
+  path = os.path.join(out_dir, ADAPTER_FILE)
   save_file(state, path, metadata={"format": "pt"})
   return path

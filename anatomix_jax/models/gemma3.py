@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anatomix_jax import config_lib
+from anatomix_jax.models import lora as lora_lib
 from anatomix_jax.models.transformer import TOKEN_AXES
 from anatomix_jax.train.sharding import _fit_to_shape
 
@@ -112,6 +113,7 @@ class Gemma3Config:
     dtype: compute dtype name.
     param_dtype: parameter dtype name (float32 by default; bfloat16 halves the weights' memory).
     remat: recompute each decoder layer in the backward pass (``nn.remat``).
+    lora: LoRA adapters on the decoder's linear layers (rank 0: none; ``models/lora.py``).
     scan_layers: scan over layers; not implemented (the layers run in a Python loop).
   """
 
@@ -139,6 +141,7 @@ class Gemma3Config:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  lora: lora_lib.LoraSpec = lora_lib.LoraSpec()
   scan_layers: bool = False
 
   def __post_init__(self):
@@ -430,48 +433,69 @@ class Embedder(nn.Module):
 
 
 class HeadsProjection(nn.Module):
-  """[B, T, H] → [B, T, n, D] without bias (HF's q/k/v_proj, split by head)."""
+  """[B, T, H] → [B, T, n, D] without bias (HF's q/k/v_proj, split by head), optional LoRA."""
 
   num_heads: int
   head_dim: int
   heads_axis: str
   dtype: Any
   param_dtype: Any
+  lora: lora_lib.LoraSpec | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", _normal_init(("embed", self.heads_axis, "kv")),
-                        (x.shape[-1], self.num_heads, self.head_dim), self.param_dtype)
-    return jnp.einsum("bth,hnd->btnd", x, kernel.astype(self.dtype))
+    axes = ("embed", self.heads_axis, "kv")
+    shape = (x.shape[-1], self.num_heads, self.head_dim)
+    kernel = self.param("kernel", _normal_init(axes), shape, self.param_dtype)
+    y = jnp.einsum("bth,hnd->btnd", x, kernel.astype(self.dtype))
+    if self.lora is not None:
+      y += lora_lib.adapter(self, self.lora, x, shape[:1], shape[1:], axes[:1], axes[1:],
+                            self.dtype, self.param_dtype)
+    return y
 
 
 class HeadsMerge(nn.Module):
-  """[B, T, N, D] → [B, T, H] without bias (HF's o_proj)."""
+  """[B, T, N, D] → [B, T, H] without bias (HF's o_proj), optional LoRA."""
 
   features: int
   dtype: Any
   param_dtype: Any
+  lora: lora_lib.LoraSpec | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", _normal_init(("heads", "kv", "embed")),
-                        (x.shape[-2], x.shape[-1], self.features), self.param_dtype)
-    return jnp.einsum("btnd,ndh->bth", x, kernel.astype(self.dtype))
+    axes = ("heads", "kv", "embed")
+    shape = (x.shape[-2], x.shape[-1], self.features)
+    kernel = self.param("kernel", _normal_init(axes), shape, self.param_dtype)
+    y = jnp.einsum("btnd,ndh->bth", x, kernel.astype(self.dtype))
+    if self.lora is not None:
+      y += lora_lib.adapter(self, self.lora, x, shape[:2], shape[2:], axes[:2], axes[2:],
+                            self.dtype, self.param_dtype)
+    return y
 
 
 class Dense(nn.Module):
-  """Bias-free linear layer with logical axes ``axes`` for its [in, out] kernel."""
+  """Bias-free linear layer with logical axes ``axes`` for its [in, out] kernel, optional LoRA."""
 
   features: int
   axes: tuple[str, str]
   dtype: Any
   param_dtype: Any
+  lora: lora_lib.LoraSpec | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", _normal_init(self.axes), (x.shape[-1], self.features),
-                        self.param_dtype)
-    return jnp.einsum("...i,io->...o", x, kernel.astype(self.dtype))
+    shape = (x.shape[-1], self.features)
+    kernel = self.param("kernel", _normal_init(self.axes), shape, self.param_dtype)
+    y = jnp.einsum("...i,io->...o", x, kernel.astype(self.dtype))
+    if self.lora is not None:
+      y += lora_lib.adapter(self, self.lora, x, shape[:1], shape[1:], self.axes[:1],
+                            self.axes[1:], self.dtype, self.param_dtype)
+    return y
+
+
+def _lora_for(config: Gemma3Config, name: str) -> lora_lib.LoraSpec | None:
+  return config.lora if config.lora.applies_to(name) else None
 
 
 class Attention(nn.Module):
@@ -504,7 +528,7 @@ class Attention(nn.Module):
     cfg = self.config
     dtype, pdtype = cfg.compute_dtype, cfg.params_dtype
     project = lambda n, axis, name: HeadsProjection(  # noqa: E731
-        n, cfg.head_dim, axis, dtype, pdtype, name=name)(x)
+        n, cfg.head_dim, axis, dtype, pdtype, _lora_for(cfg, name), name=name)(x)
     q = project(cfg.num_attention_heads, "heads", "q_proj")  # [B, T, N, D]
     k = project(cfg.num_key_value_heads, "kv_heads", "k_proj")  # [B, T, KV, D]
     v = project(cfg.num_key_value_heads, "kv_heads", "v_proj")
@@ -527,7 +551,8 @@ class Attention(nn.Module):
     weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(
         b, t, cfg.num_attention_heads, cfg.head_dim)
-    return HeadsMerge(cfg.hidden_size, dtype, pdtype, name="o_proj")(out), new_cache
+    return HeadsMerge(cfg.hidden_size, dtype, pdtype, _lora_for(cfg, "o_proj"),
+                      name="o_proj")(out), new_cache
 
 
 class MLP(nn.Module):
@@ -539,7 +564,7 @@ class MLP(nn.Module):
   def __call__(self, x: Array) -> Array:
     cfg = self.config
     dense = lambda f, axes, name: Dense(  # noqa: E731
-        f, axes, cfg.compute_dtype, cfg.params_dtype, name=name)
+        f, axes, cfg.compute_dtype, cfg.params_dtype, _lora_for(cfg, name), name=name)
     gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
     up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
     return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(
@@ -567,7 +592,8 @@ class DecoderLayer(nn.Module):
 
 
 def attention_masks(attention_mask: Array, positions: Array, key_positions: Array,
-                    offset: Array | int, window: int) -> dict[str, Array]:
+                    offset: Array | int, window: int, groups: Array | None = None,
+                    key_groups: Array | None = None) -> dict[str, Array]:
   """The boolean masks of both layer kinds.
 
   Args:
@@ -576,16 +602,22 @@ def attention_masks(attention_mask: Array, positions: Array, key_positions: Arra
     key_positions: int[B, S] key positions.
     offset: the slot of the first query (0 without a cache, ``cache_index`` with one).
     window: the sliding window.
+    groups / key_groups: optional int[B, T] / int[B, S]: a query and a key of the same nonzero
+      group see each other regardless of order and window (HF Gemma3's bidirectional image
+      attention, ``token_type_ids``: OR-ed onto the causal and sliding masks).
 
   Returns:
     ``{"full_attention": bool[B, T, S], "sliding_attention": bool[B, T, S]}``.
   """
   t, s = positions.shape[1], attention_mask.shape[1]
   q_slot = offset + jnp.arange(t, dtype=jnp.int32)
-  causal = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot[:, None]  # [T, S]
-  full = causal[None] & (attention_mask != 0)[:, None, :]
+  causal = (jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot[:, None])[None]  # [1, T, S]
+  valid = (attention_mask != 0)[:, None, :]
   near = (positions[:, :, None] - key_positions[:, None, :]) < window
-  return {FULL: full, SLIDING: full & near}
+  together = False
+  if groups is not None:
+    together = (groups[:, :, None] == key_groups[:, None, :]) & (groups != 0)[:, :, None]
+  return {FULL: (causal | together) & valid, SLIDING: ((causal & near) | together) & valid}
 
 
 def init_cache(config: Gemma3Config, batch: int, max_len: int,
@@ -662,7 +694,8 @@ class Gemma3(nn.Module):
 
   def __call__(self, tokens: Array | None = None, *, embeddings: Array | None = None,
                positions: Array, attention_mask: Array, cache: Mapping[str, Any] | None = None,
-               cache_index: Array | int | None = None, return_hidden: bool = False) -> tuple:
+               cache_index: Array | int | None = None, token_groups: Array | None = None,
+               return_hidden: bool = False) -> tuple:
     """Runs the language model on T new tokens.
 
     Args:
@@ -673,6 +706,8 @@ class Gemma3(nn.Module):
         length with one (the new tokens' slots included).
       cache: None, or a cache from ``init_cache`` (previous calls' outputs).
       cache_index: int32 scalar, the slot of the first new token (same for all rows).
+      token_groups: optional int[B, T]: tokens of the same nonzero group attend to each other
+        bidirectionally (e.g. an image span); keys already in the cache count as group 0.
       return_hidden: also return the final-normed hidden states.
 
     Returns:
@@ -701,7 +736,12 @@ class Gemma3(nn.Module):
     if attention_mask.shape != (b, slots):
       raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected {(b, slots)} "
                        f"({'the cache length' if cache is not None else 'the input length'})")
-    masks = attention_masks(attention_mask, positions, key_positions, offset, cfg.sliding_window)
+    key_groups = token_groups
+    if token_groups is not None and cache is not None:
+      key_groups = jax.lax.dynamic_update_slice(
+          jnp.zeros((b, slots), jnp.int32), token_groups.astype(jnp.int32), (0, offset))
+    masks = attention_masks(attention_mask, positions, key_positions, offset, cfg.sliding_window,
+                            token_groups, key_groups)
     x = nn.with_logical_constraint(x, TOKEN_AXES)
     new_cache = None if cache is None else {"pos": key_positions}
     for i, (layer, kind) in enumerate(zip(self.layers, cfg.layer_types)):
@@ -735,6 +775,47 @@ def init_params(config: Gemma3Config, rng: Array) -> dict[str, Any]:
   one = jnp.zeros((1, 1), jnp.int32)
   variables = Gemma3(config).init(rng, one, positions=one, attention_mask=one)
   return nn.unbox(variables["params"])
+
+
+def init_lora_params(config: Gemma3Config, rng: Array,
+                     shardings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Fresh LoRA leaves for ``config.lora`` (A uniform, B zero), without materialising the base.
+
+  Under ``jax.jit`` the unused base-parameter initialisers are dead code, so this costs only the
+  adapters' memory even for the 4B model.
+
+  Args:
+    config: the model, with ``config.lora.rank > 0``.
+    rng: init key.
+    shardings: optional ``NamedSharding`` tree for the LoRA leaves (``lora.lora_leaves`` of the
+      full param shardings).
+
+  Returns:
+    A nested dict holding only ``…/lora_a`` and ``…/lora_b`` leaves; merge it into base params
+    with ``flax.core`` or ``add_lora_params``.
+  """
+  if not config.lora.rank:
+    raise ValueError("config.lora.rank is 0: no adapters to initialise")
+
+  def init(key):
+    one = jnp.zeros((1, 1), jnp.int32)
+    params = nn.unbox(Gemma3(config).init(key, one, positions=one, attention_mask=one)["params"])
+    return lora_lib.lora_leaves(params)
+
+  return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def add_lora_params(params: Mapping[str, Any], adapters: Mapping[str, Any]) -> dict[str, Any]:
+  """Base params + LoRA leaves (from ``init_lora_params`` or a checkpoint) as one tree."""
+  out = dict(params)
+  for key, value in adapters.items():
+    if isinstance(value, Mapping):
+      if key not in out or not isinstance(out[key], Mapping):
+        raise KeyError(f"adapter branch {key!r} has no matching module in the base params")
+      out[key] = add_lora_params(out[key], value)
+    else:
+      out[key] = value
+  return out
 
 
 def param_count(config: Gemma3Config) -> int:
