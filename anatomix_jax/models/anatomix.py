@@ -255,3 +255,25 @@ def combine(*trees: Mapping[str, Any]) -> dict[str, Any]:
       else:
         out[key] = value
   return out
+
+
+def _dummy_inputs(config: AnatomiXConfig) -> tuple[Array, ...]:
+  one = jnp.zeros((1, 1), jnp.int32)
+  return (one, jnp.zeros((1, 1, config.image_dim)),
+          jnp.zeros((1, config.num_objects, config.object_dim)))
+
+
+def abstract_variables(config: AnatomiXConfig) -> dict[str, Any]:
+  """``AnatomiX(config).init`` evaluated abstractly (boxed ShapeDtypeStructs; nothing allocated)."""
+  tokens, image, objects = _dummy_inputs(config)
+  init = lambda r: AnatomiX(config).init(  # noqa: E731
+      r, tokens, image, objects, positions=tokens, attention_mask=tokens)
+  return jax.eval_shape(init, jax.random.key(0))
+
+
+def init_params(config: AnatomiXConfig, rng: Array) -> dict[str, Any]:
+  """Random params (unboxed) on the default device."""
+  tokens, image, objects = _dummy_inputs(config)
+  variables = AnatomiX(config).init(rng, tokens, image, objects, positions=tokens,
+                                    attention_mask=tokens)
+  return nn.unbox(variables["params"])

@@ -1,0 +1,154 @@
+"""Stage-2 training: which parameters train, the optimizer, and the pure jitted step.
+
+Step 1 "align" trains the projection heads only; step 2 "finetune" trains LoRA, the projection
+heads and the (tied) embedding/output table — PEFT's ``modules_to_save=['lm_head','embed_tokens']``
+is one table in Gemma3 (REFERENCE.md §1.4). The param tree is split once into a trainable and a
+frozen part: the train state (and so the optimizer state and the checkpoints) holds only the
+trainable part; the frozen part (the base LM, hundreds of times larger) is a separate, never
+donated jit argument that comes from the base weights.
+
+``train_step(state, frozen, batch, rng) -> (state, metrics)``. Batch keys (global arrays):
+``tokens`` int32[B, T], ``attention_mask`` int32[B, T] (right padding), ``targets`` int32[B, T]
+(the token each position predicts), ``weights`` float32[B, T] (1 where that prediction is in the
+loss), ``image_features`` float[B, P, 256], ``object_features`` float[B, 36, 16].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from anatomix_jax.models import anatomix, gemma3
+from anatomix_jax.models.lora import LORA_LEAVES
+
+EMBEDDING_PATH = "lm/embedder/embedding"
+GROUPS: dict[str, Callable[[str], bool]] = {
+    "projection": lambda path: path.split("/")[0] in anatomix.PROJECTION_GROUPS,
+    "lora": lambda path: path.rsplit("/", 1)[-1] in LORA_LEAVES,
+    "embedding": lambda path: path == EMBEDDING_PATH,
+}
+STEP_GROUPS = {"align": ("projection",), "finetune": ("projection", "lora", "embedding")}
+
+
+@flax.struct.dataclass
+class Stage2State:
+  """The trained part of stage 2.
+
+  Attributes:
+    step: scalar int32, updates applied.
+    params: the trainable leaves only (a subtree of the AnatomiX params).
+    opt_state: optimizer state of ``params``.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def trainable_predicate(groups: Sequence[str]) -> Callable[[str], bool]:
+  """'/'-joined param path → True if it belongs to one of ``groups`` (keys of ``GROUPS``)."""
+  unknown = sorted(set(groups) - set(GROUPS))
+  if unknown:
+    raise ValueError(f"trainable groups {unknown} are unknown; choose from {sorted(GROUPS)}")
+  tests = [GROUPS[g] for g in groups]
+  return lambda path: any(t(path) for t in tests)
+
+
+def split(params: Mapping[str, Any], groups: Sequence[str]) -> tuple[dict, dict]:
+  """(trainable, frozen) parts of AnatomiX params for ``groups``."""
+  return anatomix.split_trainable(params, trainable_predicate(groups))
+
+
+def learning_rate(peak: float, num_steps: int, warmup_ratio: float) -> optax.Schedule:
+  """HF's linear schedule: 0 → peak over ⌈ratio·steps⌉ warm-up steps, then linearly to 0."""
+  warmup = int(-(-warmup_ratio * num_steps // 1))
+  decay = optax.linear_schedule(peak, 0.0, max(num_steps - warmup, 1))
+  if warmup <= 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(optim_cfg: Any, num_steps: int) -> optax.GradientTransformation:
+  """Global-norm clipping then AdamW (REFERENCE.md §2: lr 2e-4, linear, 3% warm-up, clip 0.3,
+  weight decay 0)."""
+  schedule = learning_rate(optim_cfg.lr, num_steps, optim_cfg.warmup_ratio)
+  return optax.chain(
+      optax.clip_by_global_norm(optim_cfg.clip_norm) if optim_cfg.clip_norm > 0
+      else optax.identity(),
+      optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                  weight_decay=optim_cfg.weight_decay))
+
+
+def loss_and_count(model: anatomix.AnatomiX, params: Any, batch: Mapping[str, jax.Array],
+                   rngs: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+  """Mean next-token cross-entropy over the weighted positions of the whole batch, and their count.
+
+  Args:
+    model: the stage-2 model.
+    params: all AnatomiX params.
+    batch: see the module docstring.
+    rngs: e.g. ``{"dropout": key}`` (LoRA dropout) or None.
+  """
+  mask = batch["attention_mask"]
+  (logits,) = model.apply({"params": params}, batch["tokens"], batch["image_features"],
+                          batch["object_features"], positions=gemma3.positions_from_mask(mask),
+                          attention_mask=mask, rngs=rngs)
+  total, count = anatomix.cross_entropy(logits, batch["targets"], batch["weights"])
+  return total / jnp.maximum(count, 1.0), count
+
+
+def make_train_step(model: anatomix.AnatomiX, tx: optax.GradientTransformation
+                    ) -> Callable[..., tuple[Stage2State, dict]]:
+  """Builds ``train_step(state, frozen, batch, rng) -> (state, metrics)``.
+
+  A step whose loss or gradient is not finite leaves params and optimizer state unchanged (the
+  step counter still advances) and reports ``nonfinite = 1``, as in stage 1.
+  """
+  def train_step(state: Stage2State, frozen: Any, batch: Mapping[str, jax.Array],
+                 rng: jax.Array) -> tuple[Stage2State, dict]:
+    rngs = {"dropout": jax.random.fold_in(rng, state.step)}
+
+    def loss_fn(trainable):
+      return loss_and_count(model, anatomix.combine(frozen, trainable), batch, rngs)
+
+    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state))
+    metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm,
+               "nonfinite": 1 - finite.astype(jnp.int32)}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: anatomix.AnatomiX) -> Callable[..., dict]:
+  """``eval_step(state, frozen, batch) -> {"loss_sum", "tokens"}`` (summed, for a corpus mean)."""
+  def eval_step(state: Stage2State, frozen: Any, batch: Mapping[str, jax.Array]) -> dict:
+    loss, count = loss_and_count(model, anatomix.combine(frozen, state.params), batch)
+    return {"loss_sum": loss * count, "tokens": count}
+
+  return eval_step
+
+
+def init_state(trainable: Any, tx: optax.GradientTransformation) -> Stage2State:
+  """A fresh state around the trainable params."""
+  return Stage2State(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable))
+
+
+def jit_train_step(train_step: Callable, state_shardings: Any, frozen_shardings: Any,
+                   batch_sharding: NamedSharding, mesh: Mesh) -> Callable:
+  """pjit of the step: explicit shardings, the state donated, the frozen params not."""
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(train_step,
+                 in_shardings=(state_shardings, frozen_shardings, batch_sharding, replicated),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
