@@ -59,9 +59,14 @@ def main(argv):
   from anatomix_jax.train import loop  # pylint: disable=import-outside-toplevel
 
   config = _CONFIG.value
-  if config.stage != "stage1":
+  if config.stage not in ("stage1", "stage2"):
     raise app.UsageError(f"config stage {config.stage!r} is not runnable by this build")
-  if _MODE.value == "train":
+  if config.stage == "stage2":
+    if _MODE.value != "train":
+      raise app.UsageError(f"--mode={_MODE.value} is not available for stage 2 yet (train only)")
+    from anatomix_jax.stage2 import loop as stage2_loop  # pylint: disable=import-outside-toplevel
+    result = stage2_loop.train(config, _WORKDIR.value)
+  elif _MODE.value == "train":
     result = loop.train_and_evaluate(config, _WORKDIR.value)
   elif _MODE.value == "eval":
     result = loop.evaluate_checkpoint(config, _WORKDIR.value)

@@ -43,7 +43,7 @@ from anatomix_jax.convert.tensors import (
     TRANSFORMS, HFRule, Transform, get_path, key_list, read_bf16_tensor, set_path)
 from anatomix_jax.models import lora as lora_lib
 from anatomix_jax.models.gemma3 import Gemma3Config, abstract_variables
-from anatomix_jax.train.sharding import logical_shardings
+from anatomix_jax.train.sharding import logical_shardings, unbox
 
 Path = tuple[str, ...]
 CONFIG_FILE = "config.json"
@@ -114,7 +114,7 @@ def name_table(config: Gemma3Config) -> tuple[HFRule, ...]:
 
 def expected_hf_shapes(config: Gemma3Config) -> dict[str, tuple[int, ...]]:
   """HF key (without prefix) → the shape a HF model at ``config`` has."""
-  params = nn.unbox(abstract_variables(config)["params"])
+  params = unbox(abstract_variables(config)["params"])
   shape = lambda r: tuple(get_path(params, r.path).shape)  # noqa: E731
   return {r.hf_key: GEMMA3_TRANSFORMS[r.kind].torch_shape([shape(r)], r.heads)
           for r in name_table(config)}

@@ -277,3 +277,22 @@ def init_params(config: AnatomiXConfig, rng: Array) -> dict[str, Any]:
   variables = AnatomiX(config).init(rng, tokens, image, objects, positions=tokens,
                                     attention_mask=tokens)
   return nn.unbox(variables["params"])
+
+
+def init_subtree(config: AnatomiXConfig, rng: Array, keep: Any,
+                 shardings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Random init of only the leaves whose '/'-joined path satisfies ``keep`` (e.g. the projection
+  heads and LoRA leaves), placed on their shardings. Under ``jax.jit`` the other initialisers are
+  dead code, so the 4B base is never materialised.
+
+  Args:
+    config: the model.
+    rng: init key.
+    keep: ``path -> bool``.
+    shardings: optional ``NamedSharding`` tree of the full params.
+  """
+  def init(key):
+    return split_trainable(init_params(config, key), keep)[0]
+
+  out = None if shardings is None else split_trainable(shardings, keep)[0]
+  return jax.jit(init, out_shardings=out)(rng)

@@ -59,7 +59,7 @@ import numpy as np
 from anatomix_jax import config_lib
 from anatomix_jax.models import lora as lora_lib
 from anatomix_jax.models.transformer import TOKEN_AXES
-from anatomix_jax.train.sharding import _fit_to_shape
+from anatomix_jax.train.sharding import _fit_to_shape, unbox as _unbox
 
 Array = jax.Array
 
@@ -288,7 +288,7 @@ class Gemma3Config:
         "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
         "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": self.rms_norm_eps,
         "sliding_window": self.sliding_window, "layer_types": list(self.layer_types),
-        "rope_parameters": rope, "query_pre_attn_scalar": self.query_pre_attn_scalar,
+        "rope_parameters": rope, "query_pre_attn_scalar": _int_if_whole(self.query_pre_attn_scalar),
         "attn_logit_softcapping": self.attn_logit_softcapping,
         "final_logit_softcapping": self.final_logit_softcapping,
         "max_position_embeddings": self.max_position_embeddings,
@@ -302,6 +302,11 @@ class Gemma3Config:
 def default_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
   """HF's default: every ``pattern``-th layer (1-based) is full attention, the others sliding."""
   return tuple(FULL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers))
+
+
+def _int_if_whole(x: float) -> int | float:
+  """transformers' Gemma3TextConfig validates ``query_pre_attn_scalar`` as an int."""
+  return int(x) if float(x).is_integer() else x
 
 
 def _rope_from_hf(d: Mapping[str, Any]) -> dict[str, float]:
@@ -767,7 +772,7 @@ def abstract_variables(config: Gemma3Config) -> dict[str, Any]:
 
 def abstract_params(config: Gemma3Config) -> dict[str, Any]:
   """Our param shapes (unboxed ShapeDtypeStructs)."""
-  return nn.unbox(abstract_variables(config)["params"])
+  return _unbox(abstract_variables(config)["params"])
 
 
 def init_params(config: Gemma3Config, rng: Array) -> dict[str, Any]:
@@ -870,7 +875,7 @@ def estimate_memory(config: Gemma3Config, mesh_shape: Mapping[str, int], batch: 
   remat = config.remat if remat is None else remat
   variables = abstract_variables(config)
   specs = nn.get_partition_spec(variables)["params"]
-  leaves = jax.tree.leaves(nn.unbox(variables["params"]))
+  leaves = jax.tree.leaves(_unbox(variables["params"]))
   spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   elements = sum(_per_device_elements(x.shape, nn.logical_to_mesh_axes(s, rules), mesh_shape)
                  for x, s in zip(leaves, spec_leaves))

@@ -65,13 +65,21 @@ def _fit_to_shape(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
   return P(*fitted)
 
 
+def unbox(tree: Any) -> Any:
+  """``nn.unbox`` without sharding constraints (``nn.unbox`` constrains each value when called under
+  a mesh and logical rules, which abstract ``ShapeDtypeStruct`` leaves do not support)."""
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(
+      x, nn.LogicallyPartitioned) else (x.unbox() if isinstance(x, nn.meta.AxisMetadata) else x),
+                      tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
   """Maps a tree of (possibly ``nn.LogicallyPartitioned``) abstract arrays to NamedShardings.
 
   Leaves without logical names are replicated.
   """
   specs = nn.get_partition_spec(abstract_tree)
-  unboxed = nn.unbox(abstract_tree)
+  unboxed = unbox(abstract_tree)
 
   def to_sharding(spec, leaf):
     if not hasattr(leaf, "shape"):  # empty pytree nodes such as optax.MaskedNode stay as they are

@@ -1,0 +1,81 @@
+"""Stage-2 config defaults shared by configs/stage2_align.py and configs/stage2_finetune.py
+(REFERENCE.md §1.4, §2, §4). The config files pick the step, its data mix and the demo."""
+
+import ml_collections
+
+from anatomix_jax import config_lib
+from anatomix_jax.models import lora
+from anatomix_jax.stage2 import prompt
+
+# The reference's nine sources with equal weight per record (its loader concatenates them; a
+# weight here is relative sampling probability per source, so record counts give the same mix).
+PAPER_MIX = dict(mimic_report_gen=135_049, anatomy_grounding=237_938, mscxr=2_445,
+                 vindr_instruct=38_122, padchest_gr=3_920, mimic_vqa=101_963, slake=1_175,
+                 radialog_instruct=12_542, mimic_cxr_classification=182_425)
+def base_config(step: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "stage2"
+  c.step = step                       # "align" (projection heads) or "finetune" (+ LoRA, embedding)
+  c.seed = 2025
+
+  # --- the frozen APM and its RAG database (a stage-1 workdir) ---------------------------------
+  c.apm = ml_collections.ConfigDict(dict(workdir="", rag_dir="", checkpoint="latest"))
+
+  # --- language model ------------------------------------------------------------------------
+  c.lm = ml_collections.ConfigDict(dict(
+      # A local Hugging Face Gemma3 / MedGemma directory (config.json, safetensors, tokenizer);
+      # the paper: google/medgemma-4b-it. Empty with demo.enabled: a tiny LM made locally.
+      model_dir="",
+      tokenizer_dir="",                # empty: model_dir
+      dtype="bfloat16", param_dtype="float32", remat=False,
+      projection_hidden=512,
+      bidirectional_image=False,       # the reference: causal attention over image tokens too
+      lora=ml_collections.ConfigDict(dict(rank=16, alpha=16.0, dropout=0.05,
+                                          targets=lora.ALL_LINEAR)),
+      demo=ml_collections.ConfigDict(dict(
+          enabled=False, vocab_size=2048, hidden_size=64, intermediate_size=192,
+          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+          sliding_window=512, pretrain_steps=0, pretrain_lr=3e-3)),
+  ))
+  c.init_from = ""                    # finetune: the align workdir whose heads start step 2
+
+  # --- data ------------------------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict(dict(
+      dir="",                          # {source}/{split}.jsonl files (anatomix_jax.instruct)
+      image_roots=ml_collections.ConfigDict(dict(default="")),
+      weights=ml_collections.ConfigDict(PAPER_MIX),
+      tasks=(),                        # only these tasks (empty: all)
+      train_split="train", eval_split="validate",
+      intensity="minmax",              # as the stage-1 records
+      skip_bad=True,                   # missing/corrupt images: counted skips
+      augment=ml_collections.ConfigDict(dict(
+          enabled=True, degrees=15.0, translate=0.1, scale_min=0.9, scale_max=1.1,
+          hflip_prob=0.3, interpolation="nearest")),
+      system_prompts=prompt.SYSTEM_PROMPTS,         # the reference's three, byte for byte
+      eval_system_prompts=prompt.EVAL_SYSTEM_PROMPTS,  # "" (its benchmark scripts)
+      context_drop_ratio=0.1,
+      buckets=(2048, 2560, 3072),      # padded lengths (tokens); one compile per bucket
+      truncation="error",              # or "drop" (counted)
+  ))
+
+  # --- optimisation (REFERENCE.md §2) ----------------------------------------------------------
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=2e-4, warmup_ratio=0.03, clip_norm=0.3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0))
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=32, epochs=3, num_steps=-1, log_every=50, checkpoint_every=8000,
+      keep_checkpoints=3, eval_every=8000, eval_limit=2000))
+  c.mesh = config_lib.mesh_config()
+  c.sharding_rules = config_lib.DEFAULT_RULES
+  return c
+
+
+def apply_demo(c: ml_collections.ConfigDict) -> None:
+  """CPU demo after the stage-1 demo: its workdir's APM/RAG, synthetic instructions, tiny LM."""
+  c.lm.update(dict(dtype="float32", projection_hidden=64))
+  c.lm.demo.enabled = True
+  c.lm.lora.update(dict(rank=8, alpha=16.0, dropout=0.0))
+  c.data.buckets = (1536, 1792, 2048)
+  c.data.augment.enabled = False
+  c.optim.update(dict(lr=2e-3))
+  c.train.update(dict(batch_size=4, epochs=0, log_every=10, checkpoint_every=50, eval_every=-1,
+                      eval_limit=48))

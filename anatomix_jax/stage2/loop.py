@@ -1,0 +1,246 @@
+"""Stage-2 training loop (align or finetune): data → frozen APM → prompts → jitted LM step.
+
+Per step: a Grain batch of images + records → the frozen APM (boxes, embeddings, retrieved
+sentences) → prompts rendered and tokenized on the host, padded to a length bucket → the pure,
+sharded ``train_step(state, frozen, batch, rng)``. The state holds only the trainable leaves; the
+frozen base comes from the base model directory each run (the checkpoint's ``meta`` names it).
+Checkpoints (Orbax composite: state, data iterator position incl. the mixture, meta) are written
+every ``train.checkpoint_every`` steps and on SIGTERM; a run resumes from its workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import logging
+
+from anatomix_jax.convert import hf_gemma3
+from anatomix_jax.models import anatomix, lora as lora_lib
+from anatomix_jax.stage2 import batching, data, demo_lm, frozen_apm, steps, tokenizer
+from anatomix_jax.train import checkpointing, sharding as sharding_lib
+from anatomix_jax.train.writers import MetricWriter
+
+BASE_DIR = "base_lm"  # where a demo run keeps the tiny base LM it made (HF format)
+
+
+def base_model_dir(config: Any, workdir: str) -> str:
+  """The base LM directory: ``lm.model_dir``, or the demo's (made by the align step)."""
+  if config.lm.model_dir:
+    return config.lm.model_dir
+  if not config.lm.demo.enabled:
+    raise ValueError("lm.model_dir is empty: set it to a local MedGemma / Gemma3 directory "
+                     "(or use a :demo config)")
+  if config.step == "finetune":
+    if not config.init_from:
+      raise ValueError("the finetune demo needs init_from = the align demo's workdir")
+    return os.path.join(config.init_from, BASE_DIR)
+  return os.path.join(workdir, BASE_DIR)
+
+
+class Stage2:
+  """What a stage-2 run needs: APM, tokenizer, model, shardings, optimizer, checkpointer."""
+
+  def __init__(self, config: Any, workdir: str):
+    c = self.config = config
+    self.workdir = workdir
+    if c.step not in steps.STEP_GROUPS:
+      raise ValueError(f"step {c.step!r} is not one of {sorted(steps.STEP_GROUPS)}")
+    if not c.apm.workdir:
+      raise ValueError("apm.workdir is empty: point it at a trained stage-1 workdir")
+    if not c.data.dir:
+      raise ValueError("data.dir is empty: build instruction data first (anatomix_jax.instruct "
+                       "or, for the demo, the synthetic instruction builder)")
+    self.mesh = sharding_lib.make_mesh(c.mesh)
+    self.rules = tuple(tuple(r) for r in c.sharding_rules)
+    self.host_batch = sharding_lib.check_global_batch(c.train.batch_size, self.mesh, self.rules)
+    self.batch_sharding = sharding_lib.batch_sharding(self.mesh, self.rules)
+    self.apm = frozen_apm.FrozenAPM(c.apm.workdir, c.apm.rag_dir, c.apm.checkpoint)
+    self.base_dir = base_model_dir(c, workdir)
+    if c.lm.demo.enabled and c.step == "align" and not os.path.isdir(self.base_dir):
+      demo_lm.make_base(self.base_dir, c, self.apm)
+    self.tok = tokenizer.load_tokenizer(c.lm.tokenizer_dir or self.base_dir)
+    # The 45 stage-2 tokens must have embedding rows (MedGemma's table has 262208 rows for a
+    # 262190-token vocabulary, so the reference never resizes it).
+    self.groups = steps.STEP_GROUPS[c.step]
+    spec = lora_lib.LoraSpec(**c.lm.lora.to_dict()) if "lora" in self.groups else lora_lib.LoraSpec()
+    lm_config, _ = hf_gemma3.read_config(self.base_dir, dtype=c.lm.dtype,
+                                         param_dtype=c.lm.param_dtype, remat=c.lm.remat,
+                                         lora=spec)
+    apm_cfg = self.apm.model_config
+    self.model_config = anatomix.AnatomiXConfig(
+        lm_config, image_token_id=self.tok.image_id, first_object_token_id=self.tok.obj_ids[0],
+        num_objects=len(self.tok.obj_ids), image_dim=apm_cfg.hidden_dim,
+        object_dim=apm_cfg.proj_dim, projection_hidden=c.lm.projection_hidden,
+        bidirectional_image=c.lm.bidirectional_image)
+    self.model = anatomix.AnatomiX(self.model_config)
+    self.num_steps = self._num_steps()
+    self.tx = steps.make_optimizer(c.optim, self.num_steps)
+    # Shardings from the logical axis names (boxed abstract params; the optimizer state inherits
+    # its params' boxes), as in stage 1.
+    boxed_train, boxed_frozen = steps.split(
+        anatomix.abstract_variables(self.model_config)["params"], self.groups)
+    shard = lambda tree: sharding_lib.logical_shardings(tree, self.mesh, self.rules)  # noqa: E731
+    self.state_shardings = shard(jax.eval_shape(lambda p: steps.init_state(p, self.tx),
+                                                boxed_train))
+    self.frozen_shardings = shard(boxed_frozen)
+    self.train_shardings = self.state_shardings.params
+    self.batcher = batching.HostBatcher(self.tok, c.data, self.apm.num_patches, seed=c.seed)
+    self.checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                                   keep=c.train.keep_checkpoints)
+
+  def _num_steps(self) -> int:
+    c = self.config
+    if c.train.num_steps > 0:
+      return int(c.train.num_steps)
+    weights = {k: v for k, v in c.data.weights.items() if v > 0}
+    n = sum(len(data.load_records(c.data.dir, s, c.data.train_split, c.data.tasks or None))
+            for s in weights)
+    return max(c.train.epochs * n // c.train.batch_size, 1)
+
+  def meta(self, step: int) -> dict:
+    return {"step": int(step), "stage": "stage2", "step_name": self.config.step,
+            "base_model_dir": os.path.abspath(self.base_dir), "apm_step": self.apm.step,
+            "trainable_groups": list(self.groups),
+            "config": json.loads(self.config.to_json_best_effort())}
+
+  # --- parameters --------------------------------------------------------------------------------
+
+  def load_frozen_and_trainable(self) -> tuple[Any, Any]:
+    """Base LM (sharded, from files) + fresh heads/LoRA, or heads from ``init_from``; split."""
+    c = self.config
+    _, base = hf_gemma3.load_gemma3(self.base_dir, self.mesh, self.rules, c.lm.dtype,
+                                    param_dtype=c.lm.param_dtype, remat=c.lm.remat,
+                                    lora=self.model_config.lm.lora)
+    fresh = anatomix.init_subtree(
+        self.model_config, jax.random.key(c.seed),
+        lambda path: not path.startswith("lm/") or path.endswith(lora_lib.LORA_LEAVES),
+        anatomix.combine(self.train_shardings, self.frozen_shardings))
+    params = anatomix.combine({"lm": base}, fresh)
+    if c.init_from and c.step == "finetune":
+      params = self._with_align_heads(params)
+    return steps.split(params, self.groups)
+
+  def _with_align_heads(self, params: Any) -> Any:
+    """``params`` with the leaves the align run trained (its latest checkpoint) swapped in."""
+    ckpt = checkpointing.Checkpointer(os.path.join(self.config.init_from, "checkpoints"))
+    try:
+      step = ckpt.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"no align checkpoint in {self.config.init_from}/checkpoints: "
+                                "run the align step first")
+      groups = tuple(ckpt.read_meta(step)["trainable_groups"])
+      trained, rest = steps.split(params, groups)
+      abstract = jax.eval_shape(lambda p: steps.init_state(p, self.tx), trained)
+      replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                             sharding=replicated), abstract)
+      state, _ = ckpt.restore(step, abstract.replace(params=_abstract(trained)), None)
+    finally:
+      ckpt.close()
+    logging.info("finetune: %s from %s step %d", groups, self.config.init_from, step)
+    return anatomix.combine(rest, state.params)
+
+
+def _abstract(tree: Any) -> Any:
+  """Arrays → ShapeDtypeStructs with their shardings (an Orbax restore target)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def train(config: Any, workdir: str) -> dict:
+  """Trains one stage-2 step, resuming from ``{workdir}/checkpoints``; returns the last metrics."""
+  run = Stage2(config, workdir)
+  c = config
+  weights = {k: float(v) for k, v in c.data.weights.items()}
+  train_iter = iter(data.instruction_dataset(
+      c.data.dir, c.data.train_split, weights, image_roots=c.data.image_roots.to_dict(),
+      image_size=run.apm.image_size, batch_size=run.host_batch, train=True, seed=c.seed,
+      tasks=tuple(c.data.tasks) or None,
+      augment=c.data.augment if c.data.augment.enabled else None, intensity=c.data.intensity,
+      skip_bad=c.data.skip_bad, process_index=jax.process_index(),
+      process_count=jax.process_count()))
+  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+    trainable, frozen = run.load_frozen_and_trainable()
+    state = jax.jit(lambda p: steps.init_state(p, run.tx),
+                    out_shardings=run.state_shardings)(trainable)
+    start = run.checkpointer.latest_step()
+    if start is not None:
+      state, _ = run.checkpointer.restore(start, _abstract(state), train_iter)
+      logging.info("resumed from %s at step %d", run.checkpointer.directory, start)
+    start = start or 0
+    n_train = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+    n_frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(frozen))
+    logging.info("stage 2 %s: %d trainable / %d frozen parameters, %d steps, global batch %d",
+                 c.step, n_train, n_frozen, run.num_steps, c.train.batch_size)
+    train_step = steps.jit_train_step(steps.make_train_step(run.model, run.tx), run.state_shardings,
+                                      run.frozen_shardings, run.batch_sharding, run.mesh)
+    writer = MetricWriter(workdir)
+    watcher = checkpointing.PreemptionWatcher()
+    rng = jax.random.key(c.seed + 1)
+    pending, t_log, step_log, timing = [], time.time(), start, {"apm_s": 0.0, "host_s": 0.0}
+    step, last = start, {}
+    try:
+      while step < run.num_steps:
+        local = next(train_iter)
+        t0 = time.time()
+        features = run.apm(local["image"])
+        t1 = time.time()
+        arrays, stats = run.batcher(local["records"], features, step, train=True,
+                                    valid=local["valid"])
+        arrays.pop("valid")
+        timing["apm_s"] += t1 - t0
+        timing["host_s"] += time.time() - t1
+        batch = sharding_lib.host_to_global(arrays, run.batch_sharding)
+        batch["image_features"] = jax.device_put(features["memory"], run.batch_sharding)
+        batch["object_features"] = jax.device_put(features["objects"], run.batch_sharding)
+        state, metrics = train_step(state, frozen, batch, rng)
+        step += 1
+        pending.append({**metrics, **stats})
+        if step % c.train.log_every == 0 or step == run.num_steps:
+          last = _log(writer, pending, step, step_log, t_log, run, timing)
+          pending, t_log, step_log = [], time.time(), step
+          timing = {"apm_s": 0.0, "host_s": 0.0}
+        if step % c.train.checkpoint_every == 0 or step == run.num_steps:
+          run.checkpointer.save(step, state, train_iter, run.meta(step))
+        if watcher.should_stop(step):
+          if run.checkpointer.latest_step() != step:
+            run.checkpointer.save(step, state, train_iter, run.meta(step), force=True)
+          run.checkpointer.wait()
+          logging.warning("preempted: checkpoint of step %d saved; exiting", step)
+          return {"preempted": True, "step": step}
+    finally:
+      run.checkpointer.close()
+      writer.close()
+      watcher.close()
+  last["step"] = step
+  return last
+
+
+def _log(writer: MetricWriter, pending: list, step: int, step_log: int, t_log: float,
+         run: Stage2, timing: dict) -> dict:
+  host = jax.device_get(pending)
+  if any(int(m["nonfinite"]) for m in host):
+    raise FloatingPointError(
+        f"non-finite loss or gradient between steps {step_log + 1} and {step}: those updates were "
+        f"not applied; nothing after checkpoint {run.checkpointer.latest_step()} was saved")
+  mean = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "nonfinite"}
+  elapsed = max(time.time() - t_log, 1e-9)
+  n = step - step_log
+  mean["tokens_per_s"] = float(np.sum([m["tokens_padded"] for m in host])) / elapsed
+  mean["step_s"] = elapsed / n
+  mean["apm_s_per_step"] = timing["apm_s"] / n
+  mean["host_s_per_step"] = timing["host_s"] / n
+  writer.write(step, "train", mean)
+  logging.info("step %d/%d loss=%.4f grad_norm=%.3f %.2f s/step (APM %.2f s, prompts %.2f s) "
+               "%.0f tokens/s", step, run.num_steps, mean["loss"], mean["grad_norm"],
+               mean["step_s"], mean["apm_s_per_step"], mean["host_s_per_step"],
+               mean["tokens_per_s"])
+  return mean
+
+

@@ -1,0 +1,19 @@
+"""Stage 2, step 2 "finetune": LoRA (r 16, alpha 16, dropout 0.05, all linear layers) + the
+embedding/output table + both projection heads, on the nine-source instruction mix, starting from
+the align step's heads (REFERENCE.md §1.4: 4 epochs, effective batch 32, lr 2e-4).
+
+``--config.init_from`` = the align workdir. ``:demo`` follows the align demo.
+"""
+
+from anatomix_jax import config_lib
+from anatomix_jax.stage2 import defaults
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, demo=False)
+  c = defaults.base_config("finetune")
+  c.train.epochs = 4
+  if arg.demo:
+    defaults.apply_demo(c)
+    c.train.num_steps = 300
+  return c
