@@ -17,9 +17,11 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and data.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "build_rag"],
-                          "train: stage 1 (resumes); eval: score a checkpoint; build_rag: the "
-                          "per-anatomy sentence database from a checkpoint, with retrieval metrics.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "build_rag", "export"],
+                          "train: stage 1 or 2 (resumes); eval: score a stage-1 checkpoint; "
+                          "build_rag: the per-anatomy sentence database from a stage-1 checkpoint, "
+                          "with retrieval metrics; export: a stage-2 checkpoint as a Hugging Face "
+                          "model (LoRA merged), a PEFT adapter and the projection heads.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
@@ -62,10 +64,14 @@ def main(argv):
   if config.stage not in ("stage1", "stage2"):
     raise app.UsageError(f"config stage {config.stage!r} is not runnable by this build")
   if config.stage == "stage2":
-    if _MODE.value != "train":
-      raise app.UsageError(f"--mode={_MODE.value} is not available for stage 2 yet (train only)")
-    from anatomix_jax.stage2 import loop as stage2_loop  # pylint: disable=import-outside-toplevel
-    result = stage2_loop.train(config, _WORKDIR.value)
+    # pylint: disable=import-outside-toplevel
+    from anatomix_jax.stage2 import export as stage2_export, loop as stage2_loop
+    if _MODE.value == "train":
+      result = stage2_loop.train(config, _WORKDIR.value)
+    elif _MODE.value == "export":
+      result = stage2_export.export(config, _WORKDIR.value)
+    else:
+      raise app.UsageError(f"--mode={_MODE.value} is not available for stage 2 (train, export)")
   elif _MODE.value == "train":
     result = loop.train_and_evaluate(config, _WORKDIR.value)
   elif _MODE.value == "eval":

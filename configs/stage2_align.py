@@ -17,5 +17,5 @@ def get_config(arg=None):
   c.train.epochs = 3
   if arg.demo:
     defaults.apply_demo(c)
-    c.train.num_steps = 150
+    c.train.num_steps = 200
   return c

@@ -15,5 +15,5 @@ def get_config(arg=None):
   c.train.epochs = 4
   if arg.demo:
     defaults.apply_demo(c)
-    c.train.num_steps = 300
+    c.train.num_steps = 400
   return c

@@ -124,8 +124,8 @@ def collate(elements: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def mixture(data_dir: str, split: str, weights: Mapping[str, float], *,
-            tasks: Sequence[str] | None = None, seed: int = 0, train: bool = True
-            ) -> grain.MapDataset:
+            tasks: Sequence[str] | None = None, seed: int = 0, train: bool = True,
+            limit: int | None = None) -> grain.MapDataset:
   """The records of several sources, weighted (training) or concatenated (evaluation).
 
   Args:
@@ -136,6 +136,8 @@ def mixture(data_dir: str, split: str, weights: Mapping[str, float], *,
     seed: shuffle seed.
     train: shuffle and repeat each source, then mix by weight (an infinite dataset); else one
       pass over each source in turn.
+    limit: evaluation only: at most this many records in all, split evenly over the sources (the
+      first ones of each file).
 
   Returns:
     A ``MapDataset`` of record dicts.
@@ -161,6 +163,9 @@ def mixture(data_dir: str, split: str, weights: Mapping[str, float], *,
                                f"{sorted(weights)}{f' and tasks {list(tasks)}' if tasks else ''}")
   if train:
     return grain.MapDataset.mix(parts, part_weights)
+  if limit is not None:
+    per_source = -(-limit // len(parts))
+    parts = [p[:per_source] for p in parts]
   return grain.MapDataset.concatenate(parts)
 
 
@@ -182,15 +187,14 @@ def instruction_dataset(data_dir: str, split: str, weights: Mapping[str, float],
     intensity: "minmax" (the stage-1 records' stretch) or "raw".
     skip_bad: unreadable images become ``valid`` 0 rows instead of errors.
     process_index / process_count: this host's shard.
-    limit: evaluation only: at most this many records.
+    limit: evaluation only: at most about this many records, evenly from each source.
 
   Returns:
     A ``grain.IterDataset`` of batches (``collate``); evaluation batches are padded with
     ``valid`` 0 rows to a full batch.
   """
-  ds = mixture(data_dir, split, weights, tasks=tasks, seed=seed, train=train)
-  if not train and limit is not None:
-    ds = ds[:limit]
+  ds = mixture(data_dir, split, weights, tasks=tasks, seed=seed, train=train,
+               limit=None if train else limit)
   if not train:
     per_step = batch_size * process_count
     missing = -len(ds) % per_step

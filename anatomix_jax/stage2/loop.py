@@ -10,6 +10,7 @@ every ``train.checkpoint_every`` steps and on SIGTERM; a run resumes from its wo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,16 +19,19 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from anatomix_jax.convert import hf_gemma3
 from anatomix_jax.models import anatomix, lora as lora_lib
-from anatomix_jax.stage2 import batching, data, demo_lm, frozen_apm, steps, tokenizer
+from anatomix_jax.stage2 import (batching, data, demo_data, demo_lm, evaluate, frozen_apm, prompt,
+                                 steps, tokenizer)
 from anatomix_jax.train import checkpointing, sharding as sharding_lib
 from anatomix_jax.train.writers import MetricWriter
 
 BASE_DIR = "base_lm"  # where a demo run keeps the tiny base LM it made (HF format)
+_TIMERS = ("apm_s", "host_s", "lm_s")
 
 
 def base_model_dir(config: Any, workdir: str) -> str:
@@ -55,8 +59,9 @@ class Stage2:
     if not c.apm.workdir:
       raise ValueError("apm.workdir is empty: point it at a trained stage-1 workdir")
     if not c.data.dir:
-      raise ValueError("data.dir is empty: build instruction data first (anatomix_jax.instruct "
-                       "or, for the demo, the synthetic instruction builder)")
+      if not c.lm.demo.enabled:
+        raise ValueError("data.dir is empty: build instruction data first (anatomix_jax.instruct)")
+      demo_data.configure(c)  # the demo builds its own from the stage-1 synthetic data
     self.mesh = sharding_lib.make_mesh(c.mesh)
     self.rules = tuple(tuple(r) for r in c.sharding_rules)
     self.host_batch = sharding_lib.check_global_batch(c.train.batch_size, self.mesh, self.rules)
@@ -66,13 +71,19 @@ class Stage2:
     if c.lm.demo.enabled and c.step == "align" and not os.path.isdir(self.base_dir):
       demo_lm.make_base(self.base_dir, c, self.apm)
     self.tok = tokenizer.load_tokenizer(c.lm.tokenizer_dir or self.base_dir)
-    # The 45 stage-2 tokens must have embedding rows (MedGemma's table has 262208 rows for a
-    # 262190-token vocabulary, so the reference never resizes it).
     self.groups = steps.STEP_GROUPS[c.step]
     spec = lora_lib.LoraSpec(**c.lm.lora.to_dict()) if "lora" in self.groups else lora_lib.LoraSpec()
-    lm_config, _ = hf_gemma3.read_config(self.base_dir, dtype=c.lm.dtype,
-                                         param_dtype=c.lm.param_dtype, remat=c.lm.remat,
-                                         lora=spec)
+    self.file_lm_config, _ = hf_gemma3.read_config(self.base_dir, dtype=c.lm.dtype,
+                                                   param_dtype=c.lm.param_dtype,
+                                                   remat=c.lm.remat, lora=spec)
+    lm_config = self.file_lm_config
+    # The 45 stage-2 tokens need embedding rows. MedGemma's table (262,208 rows) already holds
+    # its 262,190 tokens, so the reference never resizes; a smaller table grows here (to a
+    # multiple of 64), new rows = the mean of the old ones (HF's mean resizing).
+    if self.tok.vocab_size > lm_config.vocab_size:
+      lm_config = dataclasses.replace(lm_config, vocab_size=-(-self.tok.vocab_size // 64) * 64)
+      logging.warning("embedding table resized from %d to %d rows for the tokenizer's %d tokens",
+                      self.file_lm_config.vocab_size, lm_config.vocab_size, self.tok.vocab_size)
     apm_cfg = self.apm.model_config
     self.model_config = anatomix.AnatomiXConfig(
         lm_config, image_token_id=self.tok.image_id, first_object_token_id=self.tok.obj_ids[0],
@@ -118,6 +129,14 @@ class Stage2:
     _, base = hf_gemma3.load_gemma3(self.base_dir, self.mesh, self.rules, c.lm.dtype,
                                     param_dtype=c.lm.param_dtype, remat=c.lm.remat,
                                     lora=self.model_config.lm.lora)
+    table = base["embedder"]["embedding"]
+    extra = self.model_config.lm.vocab_size - table.shape[0]
+    if extra > 0:
+      rows = jnp.broadcast_to(table.mean(axis=0, keepdims=True), (extra, table.shape[1]))
+      sharding = anatomix.combine(self.train_shardings, self.frozen_shardings)[
+          "lm"]["embedder"]["embedding"]
+      base["embedder"]["embedding"] = jax.device_put(
+          jnp.concatenate([table, rows.astype(table.dtype)]), sharding)
     fresh = anatomix.init_subtree(
         self.model_config, jax.random.key(c.seed),
         lambda path: not path.startswith("lm/") or path.endswith(lora_lib.LORA_LEAVES),
@@ -153,6 +172,55 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def run_eval(run: Stage2, state: steps.Stage2State, frozen: Any, eval_step: Any,
+             step: int) -> dict:
+  """Validation loss over the mixture's eval split and, for grounding tasks in the mixture,
+  generation-based grounding metrics (``evaluate``); writes per-sample JSONL (process 0)."""
+  c = run.config
+  weights = {k: float(v) for k, v in c.data.weights.items()}
+  common = dict(image_roots=c.data.image_roots.to_dict(), image_size=run.apm.image_size,
+                batch_size=run.host_batch, train=False, intensity=c.data.intensity,
+                skip_bad=True, process_index=jax.process_index(),
+                process_count=jax.process_count(), limit=c.train.eval_limit)
+  loss_sum = tokens = 0.0
+  for local in data.instruction_dataset(c.data.dir, c.data.eval_split, weights,
+                                        tasks=tuple(c.data.tasks) or None, **common):
+    features = run.apm(local["image"])
+    arrays, _ = run.batcher(local["records"], features, step, train=False, valid=local["valid"])
+    arrays.pop("valid")
+    batch = sharding_lib.host_to_global(arrays, run.batch_sharding)
+    batch["image_features"], batch["object_features"] = features["memory"], features["objects"]
+    out = jax.device_get(eval_step(state, frozen, batch))
+    loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
+  metrics = {"loss": loss_sum / max(tokens, 1.0), "tokens": tokens}
+  tasks = [t for t in evaluate.GROUNDING_TASKS if not c.data.tasks or t in c.data.tasks]
+  rows: list[dict] = []
+  try:
+    grounding = data.instruction_dataset(c.data.dir, c.data.eval_split, weights, tasks=tasks,
+                                         **common)
+  except data.InstructionDataError:
+    grounding = []  # no grounding records in this step's mixture
+  params = anatomix.combine(frozen, state.params)
+  for local in grounding:
+    features = run.apm(local["image"])
+    keep = [i for i, v in enumerate(local["valid"]) if v]
+    examples = run.batcher.examples(local["records"], features, step, train=False, answer=False)
+    encoded = [prompt.encode(run.tok, examples[i]) for i in keep]
+    answers = evaluate.generate_answers(
+        run.model, params, run.tok, encoded,
+        {k: features[k][np.asarray(keep)] for k in ("memory", "objects")},
+        c.eval.max_new_tokens, run.batcher.buckets)
+    rows += evaluate.score_grounding([local["records"][i] for i in keep], answers,
+                                     features["boxes"][keep])
+  metrics.update(evaluate.summarize(rows))
+  if rows and jax.process_index() == 0:
+    path = os.path.join(run.workdir, f"grounding_{c.data.eval_split}_step{step}.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+  return metrics
+
+
 def train(config: Any, workdir: str) -> dict:
   """Trains one stage-2 step, resuming from ``{workdir}/checkpoints``; returns the last metrics."""
   run = Stage2(config, workdir)
@@ -180,10 +248,11 @@ def train(config: Any, workdir: str) -> dict:
                  c.step, n_train, n_frozen, run.num_steps, c.train.batch_size)
     train_step = steps.jit_train_step(steps.make_train_step(run.model, run.tx), run.state_shardings,
                                       run.frozen_shardings, run.batch_sharding, run.mesh)
+    eval_step = jax.jit(steps.make_eval_step(run.model))
     writer = MetricWriter(workdir)
     watcher = checkpointing.PreemptionWatcher()
     rng = jax.random.key(c.seed + 1)
-    pending, t_log, step_log, timing = [], time.time(), start, {"apm_s": 0.0, "host_s": 0.0}
+    pending, t_log, step_log, timing = [], time.time(), start, dict.fromkeys(_TIMERS, 0.0)
     step, last = start, {}
     try:
       while step < run.num_steps:
@@ -199,13 +268,27 @@ def train(config: Any, workdir: str) -> dict:
         batch = sharding_lib.host_to_global(arrays, run.batch_sharding)
         batch["image_features"] = jax.device_put(features["memory"], run.batch_sharding)
         batch["object_features"] = jax.device_put(features["objects"], run.batch_sharding)
+        t2 = time.time()
         state, metrics = train_step(state, frozen, batch, rng)
+        # Wait for the step, so the timers split APM / prompt / LM time truthfully (the next
+        # APM call would wait for it anyway: one device stream).
+        jax.block_until_ready(metrics)
+        timing["lm_s"] += time.time() - t2
         step += 1
         pending.append({**metrics, **stats})
         if step % c.train.log_every == 0 or step == run.num_steps:
           last = _log(writer, pending, step, step_log, t_log, run, timing)
           pending, t_log, step_log = [], time.time(), step
-          timing = {"apm_s": 0.0, "host_s": 0.0}
+          timing = dict.fromkeys(_TIMERS, 0.0)
+        evaluated = (c.train.eval_every > 0 and step % c.train.eval_every == 0) or (
+            step == run.num_steps)
+        if evaluated:
+          last = {**last, **{f"val/{k}": v for k, v in
+                             run_eval(run, state, frozen, eval_step, step).items()}}
+          writer.write(step, "val", {k[4:]: v for k, v in last.items() if k.startswith("val/")})
+          logging.info("eval step %d (%s): %s", step, c.data.eval_split,
+                       " ".join(f"{k}={v:.4f}" for k, v in last.items()
+                                if k.startswith("val/") and "/" not in k[4:]))
         if step % c.train.checkpoint_every == 0 or step == run.num_steps:
           run.checkpointer.save(step, state, train_iter, run.meta(step))
         if watcher.should_stop(step):
@@ -234,13 +317,13 @@ def _log(writer: MetricWriter, pending: list, step: int, step_log: int, t_log: f
   n = step - step_log
   mean["tokens_per_s"] = float(np.sum([m["tokens_padded"] for m in host])) / elapsed
   mean["step_s"] = elapsed / n
-  mean["apm_s_per_step"] = timing["apm_s"] / n
-  mean["host_s_per_step"] = timing["host_s"] / n
+  for key in _TIMERS:
+    mean[f"{key}_per_step"] = timing[key] / n
   writer.write(step, "train", mean)
-  logging.info("step %d/%d loss=%.4f grad_norm=%.3f %.2f s/step (APM %.2f s, prompts %.2f s) "
-               "%.0f tokens/s", step, run.num_steps, mean["loss"], mean["grad_norm"],
+  logging.info("step %d/%d loss=%.4f grad_norm=%.3f %.2f s/step (APM %.3f s, prompts %.3f s, "
+               "LM %.2f s) %.0f tokens/s", step, run.num_steps, mean["loss"], mean["grad_norm"],
                mean["step_s"], mean["apm_s_per_step"], mean["host_s_per_step"],
-               mean["tokens_per_s"])
+               mean["lm_s_per_step"], mean["tokens_per_s"])
   return mean
 
 

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from anatomix_jax.models import anatomix, gemma3
 from anatomix_jax.models.lora import LORA_LEAVES
+from anatomix_jax.train import steps as train_steps
 
 EMBEDDING_PATH = "lm/embedder/embedding"
 GROUPS: dict[str, Callable[[str], bool]] = {
@@ -117,16 +118,8 @@ def make_train_step(model: anatomix.AnatomiX, tx: optax.GradientTransformation
       return loss_and_count(model, anatomix.combine(frozen, trainable), batch, rngs)
 
     (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              opt_state=keep(opt_state, state.opt_state))
-    metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm,
-               "nonfinite": 1 - finite.astype(jnp.int32)}
-    return new_state, metrics
+    new_state, guard = train_steps.apply_if_finite(state, tx, loss, grads)
+    return new_state, {"loss": loss, "tokens": count, **guard}
 
   return train_step
 

@@ -49,17 +49,28 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_cfg
       return losses.stage1_losses(outputs, batch, loss_cfg, extra_terms)
 
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              opt_state=keep(opt_state, state.opt_state))
-    metrics = {**parts, "grad_norm": grad_norm, "nonfinite": 1 - finite.astype(jnp.int32)}
-    return new_state, metrics
+    new_state, guard = apply_if_finite(state, tx, loss, grads)
+    return new_state, {**parts, **guard}
 
   return train_step
+
+
+def apply_if_finite(state: Any, tx: optax.GradientTransformation, loss: jax.Array,
+                    grads: Any) -> tuple[Any, dict]:
+  """One optimizer update of ``state.params``/``state.opt_state``, kept only if the loss and the
+  gradient norm are finite; the step counter advances either way.
+
+  Returns:
+    ``(new_state, {"grad_norm", "nonfinite"})``.
+  """
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                            opt_state=keep(opt_state, state.opt_state))
+  return new_state, {"grad_norm": grad_norm, "nonfinite": 1 - finite.astype(jnp.int32)}
 
 
 def make_eval_step(model: nn.Module, loss_cfg: Any) -> Callable[[TrainState, dict], tuple[dict, dict]]:
