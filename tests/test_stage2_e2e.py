@@ -26,11 +26,17 @@ TINY_LM = {"lm.demo.vocab_size": 700, "lm.demo.hidden_size": 16, "lm.demo.interm
            "lm.demo.num_key_value_heads": 1, "lm.demo.head_dim": 8, "lm.projection_hidden": 8,
            "lm.lora.rank": 2, "data.buckets": "(1536,2048,3072)", "train.batch_size": 2,
            "train.log_every": 1, "train.checkpoint_every": 3, "train.eval_limit": 4,
-           "eval.max_new_tokens": 8}
+           "eval.max_new_tokens": 8, "lm.demo.pretrain_steps": 20}
+
+
+# One CPU device in the subprocesses (the demo's global batch of 2 does not split 8 ways; the
+# sharded stage-2 step is tested on 8 fake devices in test_stage2_steps.py).
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 
 def _run(cmd, timeout=600):
-  proc = subprocess.run(cmd, cwd=tiny.REPO, capture_output=True, text=True, timeout=timeout)
+  proc = subprocess.run(cmd, cwd=tiny.REPO, capture_output=True, text=True, timeout=timeout,
+                        env=ENV)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
 
@@ -40,10 +46,10 @@ def stage1(tmp_path_factory):
   """A tiny stage-1 workdir on generated synthetic data (data.records_dir empty), with its RAG."""
   workdir = str(tmp_path_factory.mktemp("stage1"))
   items = {k: v for k, v in tiny.OVERRIDES.items()}
-  items.update({"data.synthetic.num_train": 24, "data.synthetic.num_val": 6,
+  items.update({"data.synthetic.num_train": 24, "data.synthetic.num_val": 8,
                 "data.synthetic.num_test": 4, "data.synthetic.min_size": 64,
                 "data.synthetic.max_size": 96, "train.num_steps": 2, "train.eval_every": 2,
-                "eval.batch_size": 6})
+                "eval.batch_size": 8})
   flags = [f"--config.{k}={v}" for k, v in items.items()]
   base = [sys.executable, "-m", "anatomix_jax.main", "--config=configs/stage1.py:demo",
           f"--workdir={workdir}", *flags]
@@ -102,10 +108,10 @@ def test_align_demo_builds_its_inputs_and_trains_the_heads(stage1, align):
 def test_preempted_align_resumes_exactly(stage1, align, tmp_path):
   straight, _ = align
   preempted = str(tmp_path / "preempted")
-  # The base LM is made by the first run; share it so both runs train on identical weights.
+  # Each align run makes its own base LM in its workdir; seeded, so both are identical.
   cmd = _stage2("align", preempted, stage1)
   proc = subprocess.Popen(cmd, cwd=tiny.REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                          text=True)
+                          text=True, env=ENV)
   log, deadline = [], time.time() + 600
   for line in proc.stderr:
     log.append(line)
