@@ -4,8 +4,8 @@ Settings (each: the frozen APM's eval forward on the batch's images, then one ji
 of AnatomiX — LoRA + embedding + projection heads trainable — on a batch of the same shape the
 loop builds: ``<image>`` ×P and 36 ``<obj_i>`` placeholders, assistant-only loss weights):
 
-  demo: the stage-1 demo APM (128², 16 patches) + the stage-2 demo LM (hidden 64, 4 layers, vocab
-        2048, LoRA r8), batch 4 × 1536 tokens;
+  demo: the stage-1 demo APM (128², 16 patches) + the stage-2 demo LM (hidden 64, 4 layers, 2 heads
+        / 1 KV head, vocab 2048, LoRA r8), batch 2 × 1536 tokens (the demo's shapes);
   mid:  the same APM + a mid-size Gemma3 (hidden 512, 8 layers, 8 heads / 4 KV, head dim 64,
         vocab 32k, FFN 2048, LoRA r16), batch 2 × 1536 tokens.
 
@@ -39,13 +39,13 @@ from configs import stage1  # noqa: E402
 S, F = "sliding_attention", "full_attention"
 LMS = {
     "demo": dict(vocab_size=2048, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=512,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=512,
                  lora=lora.LoraSpec(rank=8, alpha=16.0)),
     "mid": dict(vocab_size=32_000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
                 num_attention_heads=8, num_key_value_heads=4, head_dim=64, sliding_window=512,
                 lora=lora.LoraSpec(rank=16, alpha=16.0)),
 }
-BATCH = {"demo": 4, "mid": 2}
+BATCH = {"demo": 2, "mid": 2}
 SEQ = 1536
 OPTIM = ml_collections.ConfigDict(dict(lr=2e-4, warmup_ratio=0.03, clip_norm=0.3, b1=0.9,
                                        b2=0.999, eps=1e-8, weight_decay=0.0))
