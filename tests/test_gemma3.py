@@ -362,3 +362,49 @@ def test_bad_checkpoints(causal, tmp_path):
 
   with pytest.raises(FileNotFoundError, match="no such Gemma3 model directory"):
     hf_gemma3.load_gemma3(os.path.join(tmp_path, "nowhere"))
+
+
+# --- Scanned layers -------------------------------------------------------------------------------
+
+def test_scan_layers_matches_torch_and_the_layer_loop(causal, loaded, tmp_path):
+  """``scan_layers=True``: HF weights stacked on a leading layer axis, one scanned body that picks
+  each layer's mask and RoPE by its kind — the same logits as torch and the same gradients as the
+  per-layer loop; export unstacks again."""
+  path, torch_model = causal
+  config, params = loaded
+  scan_config, scan_params = hf_gemma3.load_gemma3(path, scan_layers=True, remat=True)
+  assert scan_params["layers"]["attn"]["q_proj"]["kernel"].shape == (7, 24, 4, 8)
+  assert not any(k.startswith("layers_") for k in scan_params)
+  specs = nn.get_partition_spec(gemma3.abstract_variables(scan_config))["params"]
+  assert specs["layers"]["attn"]["q_proj"]["kernel"] == jax.sharding.PartitionSpec(
+      "layers", "embed", "heads", "kv")
+  ids, mask = _prompts("right")
+  real = _real(mask)
+  ref = _torch_logits(torch_model, ids, mask)
+  got = np.asarray(gemma3.Gemma3(scan_config).apply(
+      {"params": scan_params}, jnp.asarray(ids, jnp.int32),
+      positions=gemma3.positions_from_mask(mask), attention_mask=jnp.asarray(mask))[0])
+  np.testing.assert_allclose(got[real], ref[real], atol=1e-4, rtol=0)
+
+  def loss(cfg, p):
+    logits, _ = gemma3.Gemma3(cfg).apply({"params": p}, jnp.asarray(ids, jnp.int32),
+                                         positions=gemma3.positions_from_mask(mask),
+                                         attention_mask=jnp.asarray(mask))
+    return jnp.sum(jnp.where(real[..., None], jax.nn.log_softmax(logits), 0.0)) / real.sum()
+
+  g_loop = jax.grad(functools.partial(loss, config))(params)
+  g_scan = gemma3.unstack_layers(jax.device_get(jax.grad(functools.partial(loss, scan_config))(
+      scan_params)))
+  for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(g_loop), jax.tree.leaves(g_scan)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4,
+                               atol=1e-5 * np.abs(np.asarray(a)).max() + 1e-9, err_msg=str(p))
+  hf_gemma3.export_gemma3(scan_params, scan_config, tmp_path)
+  reloaded = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path,
+                                                            attn_implementation="eager").eval()
+  np.testing.assert_allclose(_torch_logits(reloaded, ids, mask)[real], ref[real], atol=1e-5)
+  cache = gemma3.init_cache(config, 3, 16)
+  with pytest.raises(ValueError, match="scan_layers=True runs without a KV cache"):
+    gemma3.Gemma3(scan_config).apply({"params": scan_params}, jnp.asarray(ids[:, :1]),
+                                     positions=jnp.zeros((3, 1), jnp.int32),
+                                     attention_mask=jnp.ones((3, 16), jnp.int32), cache=cache,
+                                     cache_index=0)

@@ -172,3 +172,17 @@ def test_spec_validation():
       "q_proj"]
   with pytest.raises(ValueError, match="rank is 0"):
     gemma3.init_lora_params(BASE, jax.random.key(0))
+
+
+def test_lora_on_scanned_layers_merges_like_per_layer(params):
+  """Adapters stacked on the scanned layer axis merge (vmapped) into the same kernels."""
+  _, full = params
+  scan = dataclasses.replace(LORA, scan_layers=True)
+  stacked = gemma3.stack_layers(jax.device_get(full), 3)
+  ids, mask = _inputs()
+  np.testing.assert_allclose(_logits(scan, stacked, ids, mask), _logits(LORA, full, ids, mask),
+                             atol=1e-5, rtol=0)
+  merged = gemma3.unstack_layers(jax.device_get(lora.merge(stacked, SPEC)))
+  want = lora.merge(full, SPEC)
+  for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(merged)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7, err_msg=str(p))

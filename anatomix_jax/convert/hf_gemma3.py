@@ -42,7 +42,8 @@ from anatomix_jax.config_lib import DEFAULT_RULES
 from anatomix_jax.convert.tensors import (
     TRANSFORMS, HFRule, Transform, get_path, key_list, read_bf16_tensor, set_path)
 from anatomix_jax.models import lora as lora_lib
-from anatomix_jax.models.gemma3 import Gemma3Config, abstract_variables
+from anatomix_jax.models.gemma3 import (Gemma3Config, abstract_variables, stack_layers,
+                                        unstack_layers)
 from anatomix_jax.train.sharding import logical_shardings, unbox
 
 Path = tuple[str, ...]
@@ -264,6 +265,17 @@ def load_gemma3(model_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = N
   """
   config, layout = read_config(model_dir, dtype=dtype, param_dtype=param_dtype,
                                **config_overrides)
+  if config.scan_layers:
+    # Read per layer onto the host, stack along the scanned axis, then place. (This holds the
+    # whole model in host memory once, unlike the per-tensor path below.)
+    overrides = dict(config_overrides, scan_layers=False)
+    _, flat = load_gemma3(model_dir, None, rules, dtype, param_dtype=param_dtype, **overrides)
+    params = stack_layers(flat, config.num_hidden_layers)
+    if mesh is not None:
+      shardings = logical_shardings(abstract_variables(config)["params"], mesh,
+                                    DEFAULT_RULES if rules is None else rules)
+      params = _place(params, shardings)
+    return config, params
   checkpoint = _Checkpoint(_model_dir(model_dir))
   prefix = _prefix(checkpoint, layout)
   expected = expected_hf_shapes(config)
@@ -298,6 +310,13 @@ def load_gemma3(model_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = N
   finally:
     checkpoint.close()
   return config, params
+
+
+def _place(params: Mapping[str, Any], shardings: Mapping[str, Any]) -> dict[str, Any]:
+  """Host arrays → jax Arrays on the matching shardings (extra sharding branches ignored)."""
+  return {k: _place(v, shardings[k]) if isinstance(v, Mapping) else
+          jax.make_array_from_callback(v.shape, shardings[k], lambda idx, a=v: a[idx])
+          for k, v in params.items()}
 
 
 # --- Export -------------------------------------------------------------------------------------
@@ -340,6 +359,9 @@ def export_gemma3(params: Mapping[str, Any], config: Gemma3Config, out_dir: str 
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   params = nn.unbox(params)
+  if config.scan_layers:
+    params = unstack_layers(jax.device_get(params))
+    config = dataclasses.replace(config, scan_layers=False)
   if lora_lib.lora_leaves(params):
     if not config.lora.rank:
       raise Gemma3LoadError("params hold LoRA leaves but config.lora.rank is 0 (pass the config "
@@ -374,6 +396,8 @@ def to_peft_state_dict(params: Mapping[str, Any], config: Gemma3Config,
   """The LoRA leaves as PEFT tensors: ``…layers.{i}.self_attn.q_proj.lora_A.weight`` [r, in] and
   ``….lora_B.weight`` [out, r] (in/out flattened as in the HF linear layer)."""
   spec, params = config.lora, nn.unbox(params)
+  if config.scan_layers:
+    params = unstack_layers(jax.device_get(params))
   if not spec.rank:
     raise Gemma3LoadError("config.lora.rank is 0: there are no adapters to export")
   prefix, out = PEFT_PREFIXES[layout], {}

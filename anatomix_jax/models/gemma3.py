@@ -114,7 +114,11 @@ class Gemma3Config:
     param_dtype: parameter dtype name (float32 by default; bfloat16 halves the weights' memory).
     remat: recompute each decoder layer in the backward pass (``nn.remat``).
     lora: LoRA adapters on the decoder's linear layers (rank 0: none; ``models/lora.py``).
-    scan_layers: scan over layers; not implemented (the layers run in a Python loop).
+    scan_layers: run the layers as one ``nn.scan`` over parameters stacked on a leading
+      ``layers`` axis (``layers/…`` instead of ``layers_{i}/…``; one compiled layer body, which
+      keeps compile time flat in L). Each layer's kind picks its mask and RoPE inside the body.
+      Training and full forwards only: a KV cache needs the per-layer layout
+      (``unstack_layers`` converts the params).
   """
 
   vocab_size: int
@@ -177,9 +181,6 @@ class Gemma3Config:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         problems.append(f"{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
-    if self.scan_layers:
-      problems.append("scan_layers=True is not implemented (layers run in a Python loop; set "
-                      "remat=True to save activation memory)")
     if problems:
       raise ValueError("invalid Gemma3Config: " + "; ".join(problems))
 
@@ -513,11 +514,12 @@ class Attention(nn.Module):
   """
 
   config: Gemma3Config
-  layer_type: str
+  layer_type: str | None
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, mask: Array, cache: Mapping[str, Array] | None,
-               cache_index: Array | None) -> tuple[Array, dict[str, Array] | None]:
+               cache_index: Array | None, is_full: Array | None = None
+               ) -> tuple[Array, dict[str, Array] | None]:
     """Attends from the T new tokens over the keys.
 
     Args:
@@ -526,6 +528,7 @@ class Attention(nn.Module):
       mask: bool[B, T, S], True where query t may attend to key slot s.
       cache: None (S = T) or this layer's ``{"k", "v"}`` [B, S, KV, D].
       cache_index: int32 scalar write offset (with a cache).
+      is_full: with ``layer_type`` None (scanned layers): bool scalar, full-attention layer.
 
     Returns:
       (float[B, T, H], the updated ``{"k", "v"}`` or None).
@@ -539,8 +542,13 @@ class Attention(nn.Module):
     v = project(cfg.num_key_value_heads, "kv_heads", "v_proj")
     q = RMSNorm(cfg.rms_norm_eps, "kv", pdtype, name="q_norm")(q)
     k = RMSNorm(cfg.rms_norm_eps, "kv", pdtype, name="k_norm")(k)
-    theta, factor = cfg.rope(self.layer_type)
-    q, k = rope(q, positions, theta, factor), rope(k, positions, theta, factor)
+    if self.layer_type is None:  # scanned: this layer's kind is the traced flag ``is_full``
+      rotate = lambda x: jnp.where(is_full, rope(x, positions, *cfg.rope(FULL)),  # noqa: E731
+                                   rope(x, positions, *cfg.rope(SLIDING)))
+      q, k = rotate(q), rotate(k)
+    else:
+      theta, factor = cfg.rope(self.layer_type)
+      q, k = rope(q, positions, theta, factor), rope(k, positions, theta, factor)
     new_cache = None
     if cache is not None:
       start = (0, cache_index, 0, 0)
@@ -594,6 +602,52 @@ class DecoderLayer(nn.Module):
     h = MLP(cfg, name="mlp")(norm(name="pre_feedforward_layernorm")(x))
     x = x + norm(name="post_feedforward_layernorm")(h)
     return nn.with_logical_constraint(x, TOKEN_AXES), new_cache
+
+
+class ScannedLayer(nn.Module):
+  """The ``nn.scan`` body: one decoder layer whose kind comes in as the scanned flag ``is_full``
+  (selecting the mask and the RoPE base), parameters stacked on the leading ``layers`` axis."""
+
+  config: Gemma3Config
+
+  @nn.compact
+  def __call__(self, x: Array, is_full: Array, positions: Array, full_mask: Array,
+               sliding_mask: Array) -> tuple[Array, None]:
+    cfg = self.config
+    norm = functools.partial(RMSNorm, cfg.rms_norm_eps, "embed", cfg.params_dtype)
+    mask = jnp.where(is_full, full_mask, sliding_mask)
+    h, _ = Attention(cfg, None, name="attn")(norm(name="input_layernorm")(x), positions, mask,
+                                             None, None, is_full)
+    x = x + norm(name="post_attention_layernorm")(h)
+    h = MLP(cfg, name="mlp")(norm(name="pre_feedforward_layernorm")(x))
+    x = x + norm(name="post_feedforward_layernorm")(h)
+    return nn.with_logical_constraint(x, TOKEN_AXES), None
+
+
+def _scanned_layers(config: Gemma3Config) -> nn.Module:
+  body = nn.remat(ScannedLayer) if config.remat else ScannedLayer
+  return nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                 length=config.num_hidden_layers,
+                 metadata_params={nn.PARTITION_NAME: "layers"})(config, name="layers")
+
+
+def stack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+  """Per-layer params (``layers_{i}/…``) → the scanned layout (``layers/…``, leading axis L)."""
+  per_layer = [params[f"layers_{i}"] for i in range(num_layers)]
+  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  out["layers"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_layer)
+  return out
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+  """The scanned layout → per-layer params (the inverse of ``stack_layers``)."""
+  stacked = params["layers"]
+  num = jax.tree.leaves(stacked)[0].shape[0]
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(num):
+    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return out
 
 
 def attention_masks(attention_mask: Array, positions: Array, key_positions: Array,
@@ -682,7 +736,10 @@ class Gemma3(nn.Module):
     cfg = self.config
     layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
     self.embedder = Embedder(cfg)
-    self.layers = [layer_cls(cfg, kind) for kind in cfg.layer_types]
+    if cfg.scan_layers:
+      self.layers = _scanned_layers(cfg)
+    else:
+      self.layers = [layer_cls(cfg, kind) for kind in cfg.layer_types]
     self.final_norm = RMSNorm(cfg.rms_norm_eps, "embed", cfg.params_dtype)
 
   def embed(self, tokens: Array) -> Array:
@@ -748,6 +805,15 @@ class Gemma3(nn.Module):
     masks = attention_masks(attention_mask, positions, key_positions, offset, cfg.sliding_window,
                             token_groups, key_groups)
     x = nn.with_logical_constraint(x, TOKEN_AXES)
+    if cfg.scan_layers:
+      if cache is not None:
+        raise ValueError("scan_layers=True runs without a KV cache; for generation use the "
+                         "per-layer layout (unstack_layers, scan_layers=False)")
+      is_full = jnp.asarray([kind == FULL for kind in cfg.layer_types])
+      x, _ = self.layers(x, is_full, positions, masks[FULL], masks[SLIDING])
+      hidden = self.final_norm(x)
+      logits = self.embedder.decode(hidden)
+      return (logits, None, hidden) if return_hidden else (logits, None)
     new_cache = None if cache is None else {"pos": key_positions}
     for i, (layer, kind) in enumerate(zip(self.layers, cfg.layer_types)):
       layer_cache = None if cache is None else cache[f"layers_{i}"]

@@ -135,8 +135,12 @@ def merge(params: Mapping[str, Any], spec: LoraSpec) -> dict[str, Any]:
       continue
     if "lora_a" in value:
       kernel = value["kernel"]
-      delta = jnp.tensordot(jnp.asarray(value["lora_a"], jnp.float32),
-                            jnp.asarray(value["lora_b"], jnp.float32), axes=1)
+      a = jnp.asarray(value["lora_a"], jnp.float32)
+      b = jnp.asarray(value["lora_b"], jnp.float32)
+      if a.ndim + b.ndim - 2 == kernel.ndim + 1:  # stacked over scanned layers: [L, …]
+        delta = jax.vmap(lambda x, y: jnp.tensordot(x, y, axes=1))(a, b)
+      else:
+        delta = jnp.tensordot(a, b, axes=1)
       merged = jnp.asarray(kernel, jnp.float32) + spec.scale * delta
       rest = {k: v for k, v in value.items() if k not in LORA_LEAVES and k != "kernel"}
       out[key] = dict(rest, kernel=merged.astype(kernel.dtype))

@@ -28,6 +28,7 @@ def base_config(step: str) -> ml_collections.ConfigDict:
       model_dir="",
       tokenizer_dir="",                # empty: model_dir
       dtype="bfloat16", param_dtype="float32", remat=False,
+      scan_layers=False,               # one scanned layer body (flat compile time in depth)
       projection_hidden=512,
       bidirectional_image=False,       # the reference: causal attention over image tokens too
       lora=ml_collections.ConfigDict(dict(rank=16, alpha=16.0, dropout=0.05,

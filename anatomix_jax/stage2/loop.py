@@ -75,7 +75,8 @@ class Stage2:
     spec = lora_lib.LoraSpec(**c.lm.lora.to_dict()) if "lora" in self.groups else lora_lib.LoraSpec()
     self.file_lm_config, _ = hf_gemma3.read_config(self.base_dir, dtype=c.lm.dtype,
                                                    param_dtype=c.lm.param_dtype,
-                                                   remat=c.lm.remat, lora=spec)
+                                                   remat=c.lm.remat, lora=spec,
+                                                   scan_layers=c.lm.scan_layers)
     lm_config = self.file_lm_config
     # The 45 stage-2 tokens need embedding rows. MedGemma's table (262,208 rows) already holds
     # its 262,190 tokens, so the reference never resizes; a smaller table grows here (to a
@@ -128,7 +129,8 @@ class Stage2:
     c = self.config
     _, base = hf_gemma3.load_gemma3(self.base_dir, self.mesh, self.rules, c.lm.dtype,
                                     param_dtype=c.lm.param_dtype, remat=c.lm.remat,
-                                    lora=self.model_config.lm.lora)
+                                    lora=self.model_config.lm.lora,
+                                    scan_layers=self.model_config.lm.scan_layers)
     table = base["embedder"]["embedding"]
     extra = self.model_config.lm.vocab_size - table.shape[0]
     if extra > 0:
