@@ -51,7 +51,7 @@ def export(config: Any, workdir: str) -> dict:
     trainable, frozen = run.load_frozen_and_trainable()
     template = jax.jit(lambda p: steps.init_state(p, run.tx),
                        out_shardings=run.state_shardings)(trainable)
-    state, _ = run.checkpointer.restore(step, loop._abstract(template), None)  # noqa: SLF001
+    state, _ = run.checkpointer.restore(step, loop.abstract_like(template), None)
   run.checkpointer.close()
   params = anatomix.combine(frozen, state.params)
   out_dir = os.path.join(workdir, "export", f"step_{step}")

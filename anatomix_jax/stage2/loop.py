@@ -162,14 +162,14 @@ class Stage2:
       replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
       abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                              sharding=replicated), abstract)
-      state, _ = ckpt.restore(step, abstract.replace(params=_abstract(trained)), None)
+      state, _ = ckpt.restore(step, abstract.replace(params=abstract_like(trained)), None)
     finally:
       ckpt.close()
     logging.info("finetune: %s from %s step %d", groups, self.config.init_from, step)
     return anatomix.combine(rest, state.params)
 
 
-def _abstract(tree: Any) -> Any:
+def abstract_like(tree: Any) -> Any:
   """Arrays → ShapeDtypeStructs with their shardings (an Orbax restore target)."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
@@ -241,7 +241,7 @@ def train(config: Any, workdir: str) -> dict:
                     out_shardings=run.state_shardings)(trainable)
     start = run.checkpointer.latest_step()
     if start is not None:
-      state, _ = run.checkpointer.restore(start, _abstract(state), train_iter)
+      state, _ = run.checkpointer.restore(start, abstract_like(state), train_iter)
       logging.info("resumed from %s at step %d", run.checkpointer.directory, start)
     start = start or 0
     n_train = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
