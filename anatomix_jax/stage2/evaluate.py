@@ -4,7 +4,9 @@ Grounding: for records of the grounding tasks whose answers hold boxes, the mode
 from the prompt (the reference's empty system prompt, no context dropout); ``<box>(x1,y1),(x2,y2)
 </box>`` spans are parsed out of the text and scored against the boxes of the record's answer:
 
-  parse_rate   fraction of answers with at least one box (the demo target: ≥ 0.8);
+  parse_rate   fraction of answers with at least one box, over records whose true answer has
+               boxes (the demo target: ≥ 0.8); records whose true answer has none ("No … detected.")
+               give ``negative_accuracy``, the fraction answered without a box;
   iou          the reference's per-sample IoU (each predicted box's best IoU with a true box,
                averaged), averaged over parseable answers only;
   iou_strict   the same with unparseable answers counted as 0;
@@ -109,7 +111,8 @@ def score_grounding(records: Sequence[dict[str, Any]], answers: Sequence[str],
   for i, (record, answer) in enumerate(zip(records, answers)):
     truth, predicted = true_boxes(record), parse_boxes(answer)
     row = {"id": record["id"], "source": record["source"], "task": record["task"],
-           "answer": answer, "parsed": bool(len(predicted)), "iou": sample_iou(predicted, truth)}
+           "answer": answer, "expects_box": bool(len(truth)), "parsed": bool(len(predicted)),
+           "iou": sample_iou(predicted, truth) if len(truth) else None}
     name = record.get("meta", {}).get("anatomy")
     if record["task"] == "Anatomy Grounding" and name in anatomy.NAME_TO_INDEX and len(truth):
       apm_box = apm_boxes[i, anatomy.NAME_TO_INDEX[name]][None]
@@ -120,13 +123,18 @@ def score_grounding(records: Sequence[dict[str, Any]], answers: Sequence[str],
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
   """Means over samples: parse rate, IoU (reference: parseable only; strict: unparseable = 0)."""
+  negatives = [r for r in rows if not r["expects_box"]]
+  rows = [r for r in rows if r["expects_box"]]
+  out = {"grounding_samples": float(len(rows))}
+  if negatives:  # e.g. "No pleural effusion detected.": right when no box is produced
+    out["negative_samples"] = float(len(negatives))
+    out["negative_accuracy"] = float(np.mean([not r["parsed"] for r in negatives]))
   if not rows:
-    return {}
+    return out
   ious = [r["iou"] for r in rows if r["iou"] is not None]
-  out = {"grounding_samples": float(len(rows)),
-         "parse_rate": float(np.mean([r["parsed"] for r in rows])),
-         "iou": float(np.mean(ious)) if ious else 0.0,
-         "iou_strict": float(np.sum(ious) / len(rows))}
+  out.update({"parse_rate": float(np.mean([r["parsed"] for r in rows])),
+              "iou": float(np.mean(ious)) if ious else 0.0,
+              "iou_strict": float(np.sum(ious) / len(rows))})
   apm = [r for r in rows if "apm_iou" in r]
   if apm:
     out["anatomy_grounding_iou"] = float(np.mean([r["iou"] or 0.0 for r in apm]))
