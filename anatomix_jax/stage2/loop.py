@@ -102,7 +102,7 @@ class Stage2:
     self.state_shardings = shard(jax.eval_shape(lambda p: steps.init_state(p, self.tx),
                                                 boxed_train))
     self.frozen_shardings = shard(boxed_frozen)
-    self.train_shardings = self.state_shardings.params
+    self.param_shardings = anatomix.combine(self.state_shardings.params, self.frozen_shardings)
     self.batcher = batching.HostBatcher(self.tok, c.data, self.apm.num_patches, seed=c.seed)
     self.checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                                    keep=c.train.keep_checkpoints)
@@ -122,6 +122,43 @@ class Stage2:
             "trainable_groups": list(self.groups),
             "config": json.loads(self.config.to_json_best_effort())}
 
+  # --- data --------------------------------------------------------------------------------------
+
+  def dataset(self, split: str, *, train: bool, tasks: Any = None):
+    """The host's instruction batches of ``split`` (training: the endless weighted mixture with
+    augmentation; evaluation: one pass, ``train.eval_limit`` records, unreadable images skipped)."""
+    c = self.config
+    return data.instruction_dataset(
+        c.data.dir, split, {k: float(v) for k, v in c.data.weights.items()},
+        image_roots=c.data.image_roots.to_dict(), image_size=self.apm.image_size,
+        batch_size=self.host_batch, train=train, seed=c.seed,
+        tasks=tasks if tasks is not None else (tuple(c.data.tasks) or None),
+        augment=c.data.augment if train and c.data.augment.enabled else None,
+        intensity=c.data.intensity, skip_bad=c.data.skip_bad if train else True,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        limit=None if train else c.train.eval_limit)
+
+  def device_batch(self, local: dict, step: int, *, train: bool,
+                   timing: dict | None = None) -> tuple[dict, dict]:
+    """Host batch → frozen APM → prompts → global arrays for the step.
+
+    Returns:
+      ``(batch, stats)``; ``timing`` (optional) accumulates ``apm_s`` and ``host_s``.
+    """
+    t0 = time.time()
+    features = self.apm(local["image"])
+    t1 = time.time()
+    arrays, stats = self.batcher(local["records"], features, step, train=train,
+                                 valid=local["valid"])
+    arrays.pop("valid")
+    if timing is not None:
+      timing["apm_s"] += t1 - t0
+      timing["host_s"] += time.time() - t1
+    batch = sharding_lib.host_to_global(arrays, self.batch_sharding)
+    batch["image_features"] = jax.device_put(features["memory"], self.batch_sharding)
+    batch["object_features"] = jax.device_put(features["objects"], self.batch_sharding)
+    return batch, stats
+
   # --- parameters --------------------------------------------------------------------------------
 
   def load_frozen_and_trainable(self) -> tuple[Any, Any]:
@@ -135,14 +172,13 @@ class Stage2:
     extra = self.model_config.lm.vocab_size - table.shape[0]
     if extra > 0:
       rows = jnp.broadcast_to(table.mean(axis=0, keepdims=True), (extra, table.shape[1]))
-      sharding = anatomix.combine(self.train_shardings, self.frozen_shardings)[
-          "lm"]["embedder"]["embedding"]
+      sharding = self.param_shardings["lm"]["embedder"]["embedding"]
       base["embedder"]["embedding"] = jax.device_put(
           jnp.concatenate([table, rows.astype(table.dtype)]), sharding)
     fresh = anatomix.init_subtree(
         self.model_config, jax.random.key(c.seed),
         lambda path: not path.startswith("lm/") or path.endswith(lora_lib.LORA_LEAVES),
-        anatomix.combine(self.train_shardings, self.frozen_shardings))
+        self.param_shardings)
     params = anatomix.combine({"lm": base}, fresh)
     if c.init_from and c.step == "finetune":
       params = self._with_align_heads(params)
@@ -179,27 +215,16 @@ def run_eval(run: Stage2, state: steps.Stage2State, frozen: Any, eval_step: Any,
   """Validation loss over the mixture's eval split and, for grounding tasks in the mixture,
   generation-based grounding metrics (``evaluate``); writes per-sample JSONL (process 0)."""
   c = run.config
-  weights = {k: float(v) for k, v in c.data.weights.items()}
-  common = dict(image_roots=c.data.image_roots.to_dict(), image_size=run.apm.image_size,
-                batch_size=run.host_batch, train=False, intensity=c.data.intensity,
-                skip_bad=True, process_index=jax.process_index(),
-                process_count=jax.process_count(), limit=c.train.eval_limit)
   loss_sum = tokens = 0.0
-  for local in data.instruction_dataset(c.data.dir, c.data.eval_split, weights,
-                                        tasks=tuple(c.data.tasks) or None, **common):
-    features = run.apm(local["image"])
-    arrays, _ = run.batcher(local["records"], features, step, train=False, valid=local["valid"])
-    arrays.pop("valid")
-    batch = sharding_lib.host_to_global(arrays, run.batch_sharding)
-    batch["image_features"], batch["object_features"] = features["memory"], features["objects"]
+  for local in run.dataset(c.data.eval_split, train=False):
+    batch, _ = run.device_batch(local, step, train=False)
     out = jax.device_get(eval_step(state, frozen, batch))
     loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
   metrics = {"loss": loss_sum / max(tokens, 1.0), "tokens": tokens}
   tasks = [t for t in evaluate.GROUNDING_TASKS if not c.data.tasks or t in c.data.tasks]
   rows: list[dict] = []
   try:
-    grounding = data.instruction_dataset(c.data.dir, c.data.eval_split, weights, tasks=tasks,
-                                         **common)
+    grounding = run.dataset(c.data.eval_split, train=False, tasks=tasks)
   except data.InstructionDataError:
     grounding = []  # no grounding records in this step's mixture
   params = anatomix.combine(frozen, state.params)
@@ -227,14 +252,7 @@ def train(config: Any, workdir: str) -> dict:
   """Trains one stage-2 step, resuming from ``{workdir}/checkpoints``; returns the last metrics."""
   run = Stage2(config, workdir)
   c = config
-  weights = {k: float(v) for k, v in c.data.weights.items()}
-  train_iter = iter(data.instruction_dataset(
-      c.data.dir, c.data.train_split, weights, image_roots=c.data.image_roots.to_dict(),
-      image_size=run.apm.image_size, batch_size=run.host_batch, train=True, seed=c.seed,
-      tasks=tuple(c.data.tasks) or None,
-      augment=c.data.augment if c.data.augment.enabled else None, intensity=c.data.intensity,
-      skip_bad=c.data.skip_bad, process_index=jax.process_index(),
-      process_count=jax.process_count()))
+  train_iter = iter(run.dataset(c.data.train_split, train=True))
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
     trainable, frozen = run.load_frozen_and_trainable()
     state = jax.jit(lambda p: steps.init_state(p, run.tx),
@@ -258,18 +276,7 @@ def train(config: Any, workdir: str) -> dict:
     step, last = start, {}
     try:
       while step < run.num_steps:
-        local = next(train_iter)
-        t0 = time.time()
-        features = run.apm(local["image"])
-        t1 = time.time()
-        arrays, stats = run.batcher(local["records"], features, step, train=True,
-                                    valid=local["valid"])
-        arrays.pop("valid")
-        timing["apm_s"] += t1 - t0
-        timing["host_s"] += time.time() - t1
-        batch = sharding_lib.host_to_global(arrays, run.batch_sharding)
-        batch["image_features"] = jax.device_put(features["memory"], run.batch_sharding)
-        batch["object_features"] = jax.device_put(features["objects"], run.batch_sharding)
+        batch, stats = run.device_batch(next(train_iter), step, train=True, timing=timing)
         t2 = time.time()
         state, metrics = train_step(state, frozen, batch, rng)
         # Wait for the step, so the timers split APM / prompt / LM time truthfully (the next
