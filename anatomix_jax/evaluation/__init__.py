@@ -1,0 +1,1 @@
+"""Evaluation: per-sample scoring of generated answers and the paper's tables."""
