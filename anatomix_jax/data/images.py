@@ -7,6 +7,10 @@ Decoding turns a file into one grayscale array ``[H, W]``:
   * 16-bit PNG (PadChest, VinDr conversions) go through OpenCV (``IMREAD_UNCHANGED``), because PIL's
     ``convert("L")`` clips 16-bit values at 255 instead of scaling them.
   The result is ``uint8`` in [0, 255] or ``float32`` in [0, 1] (16-bit: value / 65535).
+  * DICOM (``--mode=predict`` on hospital files) goes through pydicom and is rendered the way viewers
+    and the datasets' PNG conversions (VinDr-CXR, ...) do it: Modality LUT, VOI LUT, MONOCHROME1
+    inverted, min–max to [0, 1] (:func:`decode_dicom`). :func:`read_radiograph` picks DICOM or the
+    paths above by the file's content.
 
 The letterbox is the reference's ``padd_and_resize``: zero-pad the short side by ``(long - short) // 2``
 on EACH side, then ``cv2.resize`` (bilinear) to ``size × size``. When ``long - short`` is odd the
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from typing import Any
 
 import cv2
 import numpy as np
@@ -113,14 +118,231 @@ def read_image(path: str, dtype: np.dtype | type = np.uint8) -> np.ndarray:
   Raises:
     ImageError: the file is missing (reason ``missing_image``), unreadable, or truncated.
   """
+  return decode_image(_read_bytes(path), source=path, dtype=dtype)
+
+
+def _read_bytes(path: str) -> bytes:
   try:
     with open(path, "rb") as f:
-      data = f.read()
+      return f.read()
   except FileNotFoundError as e:
     raise ImageError(path, "image file does not exist", reason="missing_image") from e
   except OSError as e:
     raise ImageError(path, f"cannot read image file ({e})") from e
-  return decode_image(data, source=path, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# DICOM
+# --------------------------------------------------------------------------------------------------
+
+# A DICOM Part 10 file: a 128-byte preamble, then the magic "DICM", then the file meta group.
+_DICOM_MAGIC = b"DICM"
+_DICOM_MAGIC_OFFSET = 128
+_DICOM_SUFFIXES = (".dcm", ".dicom")
+_MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+# Colour interpretations whose pixels pydicom hands back as RGB (YBR_* are converted by
+# ``pixel_array``'s default ``as_rgb=True``; PALETTE COLOR goes through its colour LUT here).
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT",
+           "PALETTE COLOR")
+# ITU-R BT.601 luma, the weights of PIL's ``convert("L")`` that the JPEG/PNG path uses for colour.
+_LUMA = np.array([0.299, 0.587, 0.114], np.float64)
+
+
+def is_dicom(data: bytes) -> bool:
+  """Whether ``data`` is a DICOM Part 10 file (``b"DICM"`` at byte 128)."""
+  return data[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == _DICOM_MAGIC
+
+
+def decode_dicom(data: bytes, source: str = "<bytes>") -> np.ndarray:
+  """Decodes and renders a single-frame DICOM radiograph to grayscale in [0, 1].
+
+  The rendering is the standard grayscale pipeline of PS3.3 C.11 (what viewers show, and what the
+  chest X-ray datasets' DICOM → PNG conversions store):
+
+  1. stored values (``pixel_array``: 8/12/16-bit, signed or unsigned; bits above BitsStored are
+     masked and signed values sign-extended by pydicom);
+  2. the Modality LUT (RescaleSlope/RescaleIntercept or a Modality LUT Sequence);
+  3. the VOI LUT when present: a VOI LUT Sequence, else WindowCenter/WindowWidth with the
+     VOILUTFunction (LINEAR by default); the first one when there are several;
+  4. MONOCHROME1 inverted, so bone is bright as in MONOCHROME2 (the Presentation LUT Shape is not
+     used: in DX objects INVERSE only restates MONOCHROME1);
+  5. min–max to [0, 1] over the rendered image (a constant image gives zeros).
+
+  Step 5 is the same stretch stage-2 ``LoadImage`` applies (``images.minmax_stretch`` after the
+  letterbox, whose zero padding is this image's minimum), so a PNG holding these rendered pixels
+  (``round(x * 65535)`` in 16 bits, or 8 bits) gives the same model input up to its quantization.
+
+  Decisions for what a chest radiograph rarely is:
+    * multi-frame (NumberOfFrames > 1): an error. The frames of a DX/CR object are different
+      images (dual-energy soft-tissue/bone, tomosynthesis slices), and picking one silently would
+      give a plausible but possibly wrong prediction; extract the wanted frame instead.
+    * colour (RGB, YBR_*, PALETTE COLOR; e.g. secondary captures of a film): converted to
+      luminance with the BT.601 weights of PIL's ``convert("L")`` (as colour JPEGs are), then
+      min–max. Modality and VOI LUTs are not applied (the standard defines them for grayscale).
+    * compressed transfer syntaxes: decoded when pydicom has a plugin for them (here: RLE, and JPEG
+      baseline/JPEG 2000 through Pillow); otherwise (e.g. JPEG Lossless, JPEG-LS, which need
+      pylibjpeg or GDCM) an error naming the transfer syntax and the packages that would decode it.
+
+  Args:
+    data: the file contents (a DICOM Part 10 file, preamble included).
+    source: the file name used in error messages.
+
+  Returns:
+    ``[H, W]`` float32 in [0, 1].
+
+  Raises:
+    ImageError: empty data, not a DICOM file, no pixel data (e.g. a structured report),
+      multi-frame, an unsupported photometric interpretation, a transfer syntax no installed
+      plugin decodes, or pixel data/LUTs that cannot be decoded or applied.
+  """
+  if not data:
+    raise ImageError(source, "file is empty")
+  if not is_dicom(data):
+    raise ImageError(source, "not a DICOM file (no 'DICM' marker at byte 128)")
+  try:
+    return _render_dicom(data, source)
+  except ImageError:
+    raise
+  except Exception as e:  # pydicom parses lazily: a damaged element can fail at any access
+    raise ImageError(source, f"cannot render DICOM ({type(e).__name__}: {e})") from e
+
+
+def _render_dicom(data: bytes, source: str) -> np.ndarray:
+  """:func:`decode_dicom` after its checks of the bytes (see there)."""
+  ds = _read_dicom(data, source)
+  _check_renderable(ds, source)
+  photometric = _photometric(ds)
+  pixels = _dicom_pixels(ds, photometric, source)
+  if photometric in _MONOCHROME:
+    rendered = _render_grayscale(pixels, ds, photometric, source)
+  else:
+    rendered = _luminance(pixels)
+  return _minmax_unit(rendered, source)
+
+
+def read_radiograph(path: str) -> np.ndarray:
+  """Reads a radiograph file of any supported kind as grayscale float32 in [0, 1].
+
+  The kind is taken from the content: a DICOM Part 10 file (``b"DICM"`` at byte 128) is rendered
+  by :func:`decode_dicom`; anything else goes through :func:`decode_image` (8-bit PNG/JPEG and
+  anything PIL reads: value / 255; 16-bit PNG: value / 65535). A ``.dcm``/``.dicom`` file without
+  the marker is an error rather than a confusing "cannot decode image".
+
+  Args:
+    path: the file.
+
+  Returns:
+    ``[H, W]`` float32 in [0, 1].
+
+  Raises:
+    ImageError: the file is missing (reason ``missing_image``), empty, unreadable, or not a
+      decodable image (the message names the file).
+  """
+  data = _read_bytes(path)
+  if not data:
+    raise ImageError(path, "file is empty")
+  if is_dicom(data):
+    return decode_dicom(data, source=path)
+  if path.lower().endswith(_DICOM_SUFFIXES):
+    raise ImageError(path, "named as DICOM but has no 'DICM' marker at byte 128: not a DICOM "
+                     "Part 10 file (a raw dataset without the 128-byte preamble and file meta is "
+                     "not supported; re-save it as a Part 10 file)")
+  return decode_image(data, source=path, dtype=np.float32)
+
+
+def _read_dicom(data: bytes, source: str) -> Any:
+  # Imported here: the training pipeline's workers import this module and never read DICOM.
+  import pydicom
+  try:
+    return pydicom.dcmread(io.BytesIO(data))
+  except Exception as e:  # InvalidDicomError, EOFError, struct/value errors of a damaged header
+    raise ImageError(source, f"cannot parse DICOM ({type(e).__name__}: {e})") from e
+
+
+def _photometric(ds: Any) -> str:
+  return str(ds.get("PhotometricInterpretation", "")).strip().upper()
+
+
+def _transfer_syntax(ds: Any) -> Any:
+  """The file meta's TransferSyntaxUID (a pydicom ``UID``), or None."""
+  return getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+
+
+def _check_renderable(ds: Any, source: str) -> None:
+  """Raises ImageError for a dataset this module does not render (cheap checks, before decoding)."""
+  if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+    kind = getattr(ds.get("SOPClassUID"), "name", None) or "unknown SOP class"
+    raise ImageError(source, f"DICOM holds no pixel data ({kind}): not an image")
+  frames = int(ds.get("NumberOfFrames") or 1)
+  if frames > 1:
+    raise ImageError(source, f"multi-frame DICOM ({frames} frames) is not supported: the model "
+                     "takes one radiograph; extract the wanted frame")
+  photometric = _photometric(ds)
+  if photometric not in _MONOCHROME + _COLOUR:
+    raise ImageError(source, "unsupported PhotometricInterpretation "
+                     f"{photometric or '(missing)'!r}")
+  syntax = _transfer_syntax(ds)
+  if syntax is not None and syntax.is_compressed:
+    _check_decoder(syntax, source)
+
+
+def _check_decoder(syntax: Any, source: str) -> None:
+  from pydicom import pixels as dicom_pixels
+  try:
+    decoder = dicom_pixels.get_decoder(syntax)
+  except NotImplementedError as e:
+    raise ImageError(source, f"pixel data uses transfer syntax {syntax.name} ({syntax}), which "
+                     "pydicom cannot decode") from e
+  if not decoder.is_available:
+    needs = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
+    raise ImageError(source, f"pixel data is compressed with {syntax.name} ({syntax}) and no "
+                     f"installed plugin decodes it (install one of: {needs})")
+
+
+def _dicom_pixels(ds: Any, photometric: str, source: str) -> np.ndarray:
+  """The stored values ``[H, W]`` (grayscale) or RGB ``[H, W, 3]`` (colour)."""
+  from pydicom import pixels as dicom_pixels
+  try:
+    pixels = ds.pixel_array  # YBR_* come back as RGB (as_rgb=True)
+    if photometric == "PALETTE COLOR":
+      pixels = dicom_pixels.apply_color_lut(pixels, ds)
+  except Exception as e:  # a decoder failure, truncated pixel data, inconsistent header...
+    syntax = _transfer_syntax(ds)
+    where = f" ({syntax.name})" if syntax is not None else ""
+    raise ImageError(source, f"cannot decode DICOM pixel data{where} "
+                     f"({type(e).__name__}: {e})") from e
+  if pixels.ndim != (2 if photometric in _MONOCHROME else 3):
+    raise ImageError(source, f"unexpected DICOM pixel array shape {pixels.shape}")
+  return pixels
+
+
+def _render_grayscale(pixels: np.ndarray, ds: Any, photometric: str, source: str) -> np.ndarray:
+  """Stored ``[H, W]`` → Modality LUT → VOI LUT → MONOCHROME1 inverted: float64 ``[H, W]``."""
+  from pydicom import pixels as dicom_pixels
+  try:
+    values = dicom_pixels.apply_modality_lut(pixels, ds)
+    values = dicom_pixels.apply_voi_lut(values, ds, index=0)
+  except Exception as e:  # e.g. a Window Width < 1, a malformed LUT Descriptor
+    raise ImageError(source, f"cannot apply the DICOM modality/VOI LUT ({type(e).__name__}: "
+                     f"{e})") from e
+  values = np.asarray(values, np.float64)
+  # Negating is enough: the min–max that follows turns -v into (max - v) / (max - min).
+  return -values if photometric == "MONOCHROME1" else values
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+  """RGB ``[H, W, 3]`` (whatever the stored colour interpretation) → luma float64 ``[H, W]``."""
+  return rgb.astype(np.float64) @ _LUMA
+
+
+def _minmax_unit(values: np.ndarray, source: str) -> np.ndarray:
+  """float ``[H, W]`` → float32 ``[H, W]`` in [0, 1]; a constant image → zeros."""
+  low, high = float(values.min()), float(values.max())
+  if not (np.isfinite(low) and np.isfinite(high)):
+    raise ImageError(source, "DICOM pixel values are not finite")
+  if high <= low:
+    return np.zeros(values.shape, np.float32)
+  return ((values - low) / (high - low)).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -64,6 +64,26 @@ def load_records(data_dir: str, source: str, split: str,
   return records
 
 
+def model_input(pixels: np.ndarray, image_size: int, intensity: str = "minmax") -> np.ndarray:
+  """A decoded radiograph → the APM's input: letterbox to the canvas (the frame the boxes live
+  on), the intensity stretch of the stage-1 records, resize to the APM's side.
+
+  Args:
+    pixels: [H, W] uint8 or float32 in [0, 1].
+    image_size: S.
+    intensity: "minmax" or "raw".
+
+  Returns:
+    [S, S] (uint8 with "minmax"; the input dtype with "raw").
+  """
+  square, _ = images.letterbox(pixels, schema.CANVAS)
+  if intensity == "minmax":
+    square = images.minmax_stretch(square)
+  if image_size != schema.CANVAS:
+    square = cv2.resize(square, (image_size,) * 2, interpolation=cv2.INTER_AREA)
+  return square
+
+
 class LoadImage(grain.transforms.Map):
   """Record → ``{"image": uint8[S, S], "valid", "record"}``; missing/corrupt images are counted
   skips (``valid`` 0, a black image) when ``skip_bad``, else errors naming the file."""
@@ -94,12 +114,8 @@ class LoadImage(grain.transforms.Map):
       if self.skipped <= _MAX_LOGGED:
         logging.warning("skipping record %s/%s: %s", record["source"], record["id"], e)
       return {"image": np.zeros((self.image_size,) * 2, np.uint8), "valid": 0, "record": record}
-    square, _ = images.letterbox(pixels, schema.CANVAS)  # the frame the boxes live on
-    if self.intensity == "minmax":
-      square = images.minmax_stretch(square)
-    if self.image_size != schema.CANVAS:
-      square = cv2.resize(square, (self.image_size,) * 2, interpolation=cv2.INTER_AREA)
-    return {"image": square, "valid": 1, "record": record}
+    return {"image": model_input(pixels, self.image_size, self.intensity), "valid": 1,
+            "record": record}
 
 
 class AugmentImage(grain.transforms.RandomMap):
@@ -195,6 +211,19 @@ def instruction_dataset(data_dir: str, split: str, weights: Mapping[str, float],
   """
   ds = mixture(data_dir, split, weights, tasks=tasks, seed=seed, train=train,
                limit=None if train else limit)
+  return batches(ds, image_roots=image_roots, image_size=image_size, batch_size=batch_size,
+                 train=train, seed=seed, augment=augment, intensity=intensity, skip_bad=skip_bad,
+                 process_index=process_index, process_count=process_count)
+
+
+def batches(ds: grain.MapDataset, *, image_roots: Mapping[str, str], image_size: int,
+            batch_size: int, train: bool, seed: int = 0, augment: Any = None,
+            intensity: str = "minmax", skip_bad: bool = True, process_index: int = 0,
+            process_count: int = 1) -> grain.IterDataset:
+  """Records (a ``MapDataset`` of record dicts) → this host's batches of loaded images.
+
+  Arguments as ``instruction_dataset``; ``--mode=eval`` passes its own record selection here.
+  """
   if not train:
     per_step = batch_size * process_count
     missing = -len(ds) % per_step
