@@ -17,11 +17,13 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and data.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "build_rag", "export"],
-                          "train: stage 1 or 2 (resumes); eval: score a stage-1 checkpoint; "
-                          "build_rag: the per-anatomy sentence database from a stage-1 checkpoint, "
-                          "with retrieval metrics; export: a stage-2 checkpoint as a Hugging Face "
-                          "model (LoRA merged), a PEFT adapter and the projection heads.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "build_rag", "export", "predict"],
+                          "train: stage 1 or 2 (resumes); eval: score a stage-1 checkpoint, or a "
+                          "stage-2 one with configs/eval.py (all tasks' test records, the paper's "
+                          "metrics); build_rag: the per-anatomy sentence database from a stage-1 "
+                          "checkpoint, with retrieval metrics; export: a stage-2 checkpoint as a "
+                          "Hugging Face model (LoRA merged), a PEFT adapter and the projection "
+                          "heads; predict: a stage-2 checkpoint on image files (configs/predict.py).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
@@ -65,17 +67,31 @@ def main(argv):
     raise app.UsageError(f"config stage {config.stage!r} is not runnable by this build")
   if config.stage == "stage2":
     # pylint: disable=import-outside-toplevel
-    from anatomix_jax.stage2 import export as stage2_export, loop as stage2_loop
-    if _MODE.value == "train":
-      result = stage2_loop.train(config, _WORKDIR.value)
-    elif _MODE.value == "export":
-      result = stage2_export.export(config, _WORKDIR.value)
+    # The config file decides what kind of stage-2 run this is; the mode must agree with it.
+    needs = {"eval": ("evaluate", "configs/eval.py"), "predict": ("predict", "configs/predict.py"),
+             "train": ("step", "configs/stage2_{align,finetune}.py"),
+             "export": ("step", "configs/stage2_{align,finetune}.py")}
+    if _MODE.value not in needs:
+      raise app.UsageError(f"--mode={_MODE.value} is not available for stage 2 ({sorted(needs)})")
+    field, config_file = needs[_MODE.value]
+    if field not in config:
+      raise app.UsageError(f"--mode={_MODE.value} for stage 2 takes {config_file}")
+    if _MODE.value == "eval":
+      from anatomix_jax.evaluation import runner  # the metric packages load only here
+      result = runner.evaluate(config, _WORKDIR.value)
+    elif _MODE.value == "predict":
+      from anatomix_jax.stage2 import predict
+      result = predict.predict(config, _WORKDIR.value)
     else:
-      raise app.UsageError(f"--mode={_MODE.value} is not available for stage 2 (train, export)")
+      from anatomix_jax.stage2 import export as stage2_export, loop as stage2_loop
+      mode = stage2_loop.train if _MODE.value == "train" else stage2_export.export
+      result = mode(config, _WORKDIR.value)
   elif _MODE.value == "train":
     result = loop.train_and_evaluate(config, _WORKDIR.value)
   elif _MODE.value == "eval":
     result = loop.evaluate_checkpoint(config, _WORKDIR.value)
+  elif _MODE.value == "predict":
+    raise app.UsageError("--mode=predict takes a stage-2 model: configs/predict.py")
   else:
     from anatomix_jax.rag import build  # pylint: disable=import-outside-toplevel
     result = build.build_and_evaluate(config, _WORKDIR.value)

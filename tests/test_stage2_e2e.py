@@ -151,15 +151,21 @@ def test_finetune_demo_starts_from_align_and_evaluates_grounding(stage1, align, 
                                     "Abnormality Detection") for r in rows)
 
 
-def test_export_mode_writes_loadable_files(stage1, align, tmp_path):
+@pytest.fixture(scope="module")
+def finetuned(stage1, align, tmp_path_factory):
+  """A 1-step finetune workdir (export, eval and predict start from it) and its command."""
+  workdir = str(tmp_path_factory.mktemp("finetuned"))
+  cmd = _stage2("finetune", workdir, stage1, init_from=align[0], **{"train.num_steps": 1,
+                                                                     "train.eval_limit": 2})
+  _run(cmd)
+  return workdir, cmd
+
+
+def test_export_mode_writes_loadable_files(finetuned):
   import torch  # noqa: PLC0415
   import transformers  # noqa: PLC0415
   from safetensors.numpy import load_file  # noqa: PLC0415
-  align_dir, _ = align
-  workdir = str(tmp_path / "finetune")
-  cmd = _stage2("finetune", workdir, stage1, init_from=align_dir, **{"train.num_steps": 1,
-                                                                     "train.eval_limit": 2})
-  _run(cmd)
+  workdir, cmd = finetuned
   _run(cmd + ["--mode=export"])
   out = os.path.join(workdir, "export", "step_1")
   model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "lm")).eval()
@@ -173,3 +179,109 @@ def test_export_mode_writes_loadable_files(stage1, align, tmp_path):
   heads = load_file(os.path.join(out, "projection_heads.safetensors"))
   assert heads["image_projectionhead.proj.0.weight"].shape == (8, 12)  # Linear(256→512) in tiny
   assert heads["obj_projectionhead.proj.3.weight"].shape == (16, 8)
+
+
+def _main(config, workdir, *flags):
+  return [sys.executable, "-m", "anatomix_jax.main", f"--config={config}", f"--workdir={workdir}",
+          *flags]
+
+
+def _jsonl(path):
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def test_eval_mode_scores_every_task_writes_tables_and_resumes(stage1, finetuned):
+  workdir, _ = finetuned
+  cmd = _main("configs/eval.py:demo", workdir, "--mode=eval", "--config.evaluate.max_per_task=2",
+              "--config.evaluate.max_new_tokens=8", "--config.evaluate.batch_size=4",
+              "--config.evaluate.metrics.semantic_matching=exact")
+  _run(cmd)
+  out = os.path.join(workdir, "eval", "test_step1")
+  samples = _jsonl(os.path.join(out, "samples.jsonl"))
+  # Two records per (source, task) of the demo's test split (VinDr: of its 35 % subsample).
+  data_dir = os.path.join(stage1, "data", demo_data.DIR_NAME)
+  want = {}
+  for source in os.listdir(data_dir):
+    for r in _jsonl(os.path.join(data_dir, source, "test.jsonl")):
+      want.setdefault((source, r["task"]), 0)
+      want[(source, r["task"])] += 1
+  got = {}
+  for r in samples:
+    got[(r["source"], r["task"])] = got.get((r["source"], r["task"]), 0) + 1
+  assert got.keys() == want.keys()
+  assert all(got[k] == min(2, want[k]) for k in got if k[0] != "vindr_instruct")
+  assert len({(r["source"], r["id"]) for r in samples}) == len(samples)
+  results = json.load(open(os.path.join(out, "results.json")))
+  groups = results["groups"]
+  assert groups["Phrase Grounding | all"]["samples"] == sum(
+      v for (s, t), v in got.items() if t == "Phrase Grounding")
+  assert 0.0 <= groups["Anatomy Grounding | all"]["grounding_parse_rate"] <= 1.0
+  assert "rouge1" in groups["Report Generation | mimic_report_gen"]
+  assert "vqa_closed_accuracy" in groups["Close-Ended VQA | mimic_vqa"]
+  assert set(results["table1"]) >= {"ROUGE GD", "METEOR GC", "PG IoU", "AG mAP"}
+  assert {"bertscore", "chexbert", "radgraph"} <= set(results["skipped"])  # no local weights
+  markdown = open(os.path.join(out, "results.md")).read()
+  assert "Table 1" in markdown and "Anatomy Grounding | anatomy_grounding" in markdown
+
+  # Interrupted: keep 3 sample lines and a torn 4th; the rerun generates only the rest.
+  path = os.path.join(out, "samples.jsonl")
+  lines = open(path).read().splitlines(keepends=True)
+  with open(path, "w") as f:
+    f.writelines(lines[:3] + [lines[3][:20]])
+  proc = _run(cmd)
+  assert f"({3} already in" in proc.stderr
+  again = _jsonl(os.path.join(out, "scored_samples.jsonl"))
+  assert sorted((r["source"], r["id"]) for r in again) == sorted(
+      (r["source"], r["id"]) for r in samples)
+  assert [r["answer"] for r in again[:3]] == [r["answer"] for r in samples[:3]]
+
+
+def test_predict_on_png_16bit_png_and_dicom(finetuned, tmp_path):
+  import cv2  # noqa: PLC0415
+  from test_images_dicom import make_dicom  # noqa: PLC0415
+  workdir, _ = finetuned
+  rng = np.random.default_rng(0)
+  height, width = 150, 110  # portrait: the letterbox pads left and right
+  yy, xx = np.mgrid[:height, :width]
+  grey = np.clip(40 + 160 * np.exp(-((xx - 40) ** 2 + (yy - 70) ** 2) / 900.0)
+                 + rng.integers(0, 30, (height, width)), 0, 255).astype(np.uint8)
+  grey[0, 0], grey[-1, -1] = 0, 255  # the full range: the DICOM's rendering (min-max) is grey/255
+  # Multiples of 257: the 16-bit and DICOM renderings equal the 8-bit image exactly (k·257/65535
+  # = k/255), so all four files must give the same model input and the same result.
+  pixels = grey.astype(np.uint16) * 257
+  images = tmp_path / "images"
+  images.mkdir()
+  cv2.imwrite(str(images / "b_16bit.png"), pixels)
+  cv2.imwrite(str(images / "a_8bit.png"), grey)
+  (images / "c_mono2.dcm").write_bytes(make_dicom(pixels))
+  (images / "d_mono1.dcm").write_bytes(make_dicom(65535 - pixels, photometric="MONOCHROME1"))
+  (images / "e_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+  out = tmp_path / "predictions"
+  proc = _run(_main("configs/predict.py", workdir, "--mode=predict",
+                    f"--config.predict.inputs={images}", f"--config.predict.output_dir={out}",
+                    "--config.predict.task=phrase_grounding",
+                    "--config.predict.query=left pleural effusion",
+                    "--config.predict.max_new_tokens=8", "--config.predict.batch_size=2"))
+  assert "images/s" in proc.stdout
+  summary = json.load(open(out / "summary.json"))
+  assert summary["images"] == 4 and [os.path.basename(f["file"]) for f in summary["failures"]] == [
+      "e_broken.png"]
+  results = {n: json.load(open(out / f"{n}.json")) for n in ("a_8bit", "b_16bit", "c_mono2",
+                                                              "d_mono1")}
+  pad = (height - width) / 2  # letterbox: pad columns on each side, then scale 1024 / height
+  for name, r in results.items():
+    assert (out / f"{name}.png").is_file()
+    assert r["image_size"] == [height, width] and len(r["anatomy"]) == 36
+    for item in r["anatomy"]:
+      canvas, image = np.asarray(item["box_canvas"]), np.asarray(item["box_image"])
+      expected = canvas * height / 1024 - [pad, 0, pad, 0]
+      expected = np.clip(expected, 0, [width, height, width, height])
+      np.testing.assert_allclose(image, expected, atol=0.11)  # rounded to 0.1 px
+      assert (image >= 0).all() and (image[[0, 2]] <= width).all() and (
+          image[[1, 3]] <= height).all()
+    assert isinstance(r["answer"], str)
+  # PNG (8- and 16-bit) and DICOM (both photometric interpretations) of the same rendered pixels.
+  for name in ("a_8bit", "c_mono2", "d_mono1"):
+    assert results[name]["anatomy"] == results["b_16bit"]["anatomy"]
+    assert results[name]["answer"] == results["b_16bit"]["answer"]

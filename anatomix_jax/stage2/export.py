@@ -21,8 +21,7 @@ from absl import logging
 from safetensors.numpy import save_file
 
 from anatomix_jax.convert import hf_gemma3
-from anatomix_jax.models import anatomix
-from anatomix_jax.stage2 import loop, steps
+from anatomix_jax.stage2 import loop
 
 # our head → the reference's module name (src/models/LM.py: MultiModalProjectionhead.proj)
 HEAD_NAMES = {"image_projection": "image_projectionhead", "object_projection": "obj_projectionhead"}
@@ -43,17 +42,12 @@ def projection_head_tensors(params: Any) -> dict[str, np.ndarray]:
 
 def export(config: Any, workdir: str) -> dict:
   """Exports the latest checkpoint of a stage-2 workdir; returns the written paths."""
-  run = loop.Stage2(config, workdir)
-  step = run.checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no stage-2 checkpoint in {run.checkpointer.directory}")
-  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-    trainable, frozen = run.load_frozen_and_trainable()
-    template = jax.jit(lambda p: steps.init_state(p, run.tx),
-                       out_shardings=run.state_shardings)(trainable)
-    state, _ = run.checkpointer.restore(step, loop.abstract_like(template), None)
-  run.checkpointer.close()
-  params = anatomix.combine(frozen, state.params)
+  run = loop.Stage2(config, workdir, needs_data=False)
+  try:
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+      params, step = run.restore_params()
+  finally:
+    run.checkpointer.close()
   out_dir = os.path.join(workdir, "export", f"step_{step}")
   lm_dir = os.path.join(out_dir, "lm")
   hf_gemma3.export_gemma3(params["lm"], run.model_config.lm, lm_dir)

