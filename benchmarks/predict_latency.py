@@ -41,7 +41,7 @@ def main() -> None:
                                       "sharding_rules": config_lib.DEFAULT_RULES})
   trained = inference.load(config, args.workdir)
   run = trained.run
-  root = os.path.dirname(os.path.dirname(run.config.data.dir))  # {synthetic}/instructions → data
+  root = os.path.dirname(run.config.data.dir)  # the demo: {data}/instructions beside {data}/raw
   files = sorted(glob.glob(os.path.join(root, "raw", "**", "*.jpg"), recursive=True))[:4]
   if len(files) < 4:
     raise SystemExit(f"need 4 images under {root}/raw; got {len(files)}")

@@ -15,6 +15,7 @@ GROUP_COLUMNS = (
     ("CheXbert-14", "chexbert-all_weighted_f1"), ("CheXbert-5", "chexbert-5_weighted_f1"),
     ("closed acc", "vqa_closed_accuracy"), ("open recall", "vqa_open_recall"),
     ("open F1", "vqa_open_f1"), ("cls exact", "classification_exact"),
+    ("cls micro F1", "classification_micro_f1"), ("cls macro F1", "classification_macro_f1"),
 )
 
 
