@@ -31,6 +31,22 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _check_process_flags() -> None:
+  """Clear errors for process flags that would make ``jax.distributed`` hang or fail later."""
+  n, i = _NUM_PROCESSES.value, _PROCESS_ID.value
+  if n is not None and n < 1:
+    raise app.UsageError(f"--num_processes={n}: must be ≥ 1")
+  if n is not None and i is not None and not 0 <= i < n:
+    raise app.UsageError(f"--process_id={i} is outside [0, --num_processes={n})")
+  cluster = (os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+             or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
+  if (n or 1) > 1 and not _COORDINATOR.value and not cluster:
+    raise app.UsageError(f"--num_processes={n} needs --coordinator_address=HOST:PORT (process 0's "
+                         "address) or a cluster environment (SLURM, Cloud TPU VM) that provides it")
+  if _COORDINATOR.value and (n is None or i is None):
+    raise app.UsageError("--coordinator_address needs --num_processes and --process_id as well")
+
+
 def _multi_process_requested() -> bool:
   """Whether this launch is one of several processes (explicit flags or a cluster environment)."""
   if _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS"):
@@ -51,6 +67,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  _check_process_flags()
   import jax  # pylint: disable=import-outside-toplevel
 
   if _multi_process_requested():

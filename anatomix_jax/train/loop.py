@@ -78,6 +78,7 @@ class Stage1:
     return {"step": int(step), "stage": self.config.stage,
             "config": json.loads(self.config.to_json_best_effort()),
             "records_dir": self.records_dir, "num_steps": self.num_steps,
+            "process_count": jax.process_count(),
             "text_dim": self.model.config.text_dim}
 
   def check_compatible(self, meta: dict) -> None:
@@ -197,8 +198,17 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
 
   start = run.checkpointer.latest_step()
   if start is not None:
-    run.check_compatible(run.checkpointer.read_meta(start))
-    state, _ = run.checkpointer.restore(start, run.abstract_state, train_iter)
+    meta = run.checkpointer.read_meta(start)
+    run.check_compatible(meta)
+    saved_processes = meta.get("process_count", jax.process_count())
+    if saved_processes != jax.process_count():
+      # Each process saved its own shard's position; with another process count the shards are
+      # different streams, so the model state is resharded and the data stream starts afresh.
+      logging.warning("checkpoint %d was written by %d processes, this run has %d: the state is "
+                      "resharded; the data stream restarts (its saved positions do not apply)",
+                      start, saved_processes, jax.process_count())
+    state, _ = run.checkpointer.restore(
+        start, run.abstract_state, train_iter if saved_processes == jax.process_count() else None)
     logging.info("resumed from %s at step %d", run.checkpointer.directory, start)
   else:
     state, start = run.init_state(run.init_rng), 0
