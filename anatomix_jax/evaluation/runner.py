@@ -190,7 +190,8 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
                  path)
     if todo:
       generate_samples(trained, todo, path, ev)
-    rows = [r for r in read_samples(path) if _sample_key(r) in {_sample_key(x) for x in records}]
+    wanted = {_sample_key(r) for r in records}
+    rows = [r for r in read_samples(path) if _sample_key(r) in wanted]
   scorer = scoring.Scorer(ev.metrics, box_format=ev.box_format)
   rows = scorer.score(rows)
   results = scorer.summarize(rows)

@@ -100,7 +100,7 @@ class Trained:
 
 def clean_answer(text: str, stop_texts: Sequence[str]) -> str:
   """A decoded answer without its stop token, then the reference's ``postprocess_llm_output``."""
-  from anatomix_jax.evaluation import text as text_metrics  # noqa: PLC0415 (optional deps)
+  from anatomix_jax.evaluation import text as text_metrics  # noqa: PLC0415 (metric packages)
   for stop in stop_texts:
     if text.endswith(stop):
       text = text[: -len(stop)]
