@@ -1,9 +1,10 @@
 """Entry point: ``python -m anatomix_jax.main --config=configs/stage1.py[:demo] --workdir=DIR``.
 
-Flags: ``--mode=train|eval``; ``--config.a.b=value`` overrides any config field (the config is locked,
-so an unknown key fails at flag parsing, before any work starts). Multi-process runs (TPU pod
-slices, SLURM, or explicit ``--coordinator_address``) initialise ``jax.distributed`` first; a
-single machine skips it.
+Flags: ``--mode=train|eval|build_rag|export|predict|compile_check``; ``--config.a.b=value``
+overrides any config field (the config is locked, so an unknown key fails at flag parsing, before
+any work starts). Multi-process runs (TPU pod slices, SLURM, or explicit ``--coordinator_address``)
+initialise ``jax.distributed`` first; a single machine skips it. ``--mode=compile_check
+--topology=v5e:2x4`` compiles the train step for a TPU topology without TPUs (libtpu extra).
 """
 
 from __future__ import annotations
@@ -17,13 +18,19 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and data.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "build_rag", "export", "predict"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "build_rag", "export", "predict",
+                                                   "compile_check"],
                           "train: stage 1 or 2 (resumes); eval: score a stage-1 checkpoint, or a "
                           "stage-2 one with configs/eval.py (all tasks' test records, the paper's "
                           "metrics); build_rag: the per-anatomy sentence database from a stage-1 "
                           "checkpoint, with retrieval metrics; export: a stage-2 checkpoint as a "
                           "Hugging Face model (LoRA merged), a PEFT adapter and the projection "
-                          "heads; predict: a stage-2 checkpoint on image files (configs/predict.py).")
+                          "heads; predict: a stage-2 checkpoint on image files (configs/predict.py); "
+                          "compile_check: compile the config's train step for --topology "
+                          "(libtpu, no TPU needed) and report memory, FLOPs and a roofline "
+                          "step time.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "--mode=compile_check: a TPU topology such as "
+                                "v5e:2x4, v5p:2x2x1 or v5e:16x16.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
@@ -68,6 +75,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   _check_process_flags()
+  if _MODE.value == "compile_check":
+    return _compile_check()
   import jax  # pylint: disable=import-outside-toplevel
 
   if _multi_process_requested():
@@ -114,6 +123,27 @@ def main(argv):
     result = build.build_and_evaluate(config, _WORKDIR.value)
   if jax.process_index() == 0 and result:
     logging.info("done: %s", {k: v for k, v in result.items() if "/" not in k})
+
+
+def _compile_check() -> None:
+  """--mode=compile_check: one process, no data, no checkpoints; the report goes to the workdir."""
+  if not _TOPOLOGY.value:
+    raise app.UsageError("--mode=compile_check needs --topology (e.g. v5e:2x4)")
+  config = _CONFIG.value
+  if config.stage == "stage2" and "step" not in config:
+    raise app.UsageError("--mode=compile_check for stage 2 takes configs/stage2_{align,finetune}.py")
+  import json  # pylint: disable=import-outside-toplevel
+  from anatomix_jax.scale import compile_check  # pylint: disable=import-outside-toplevel
+
+  report = compile_check.check(config, _TOPOLOGY.value)
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  path = os.path.join(_WORKDIR.value, "compile_check.json")
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1)
+  print(compile_check.table([report]))
+  for note in report["notes"]:
+    print("note:", note)
+  logging.info("compile check written to %s", path)
 
 
 if __name__ == "__main__":

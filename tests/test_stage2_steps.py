@@ -136,3 +136,26 @@ def test_lora_b_zero_model_equals_base_model():
   with_lora = steps.loss_and_count(anatomix.AnatomiX(CONFIG), full, batch)
   without = steps.loss_and_count(anatomix.AnatomiX(base_cfg), base, batch)
   assert float(with_lora[0]) == float(without[0])
+
+
+@pytest.mark.parametrize("chunk", [5, 4])  # 12 tokens: padded to 15 / exact 3 slices
+def test_chunked_loss_equals_full_logits(params, chunk):
+  """Loss and gradients with the logits in slices equal torch's cross-entropy on full logits."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+  model = anatomix.AnatomiX(CONFIG)
+  (logits,) = model.apply({"params": params}, batch["tokens"], batch["image_features"],
+                          batch["object_features"], attention_mask=batch["attention_mask"],
+                          positions=gemma3.positions_from_mask(batch["attention_mask"]))
+  per_token = torch.nn.functional.cross_entropy(
+      torch.from_numpy(np.asarray(logits)).reshape(-1, LM.vocab_size),
+      torch.from_numpy(np.asarray(batch["targets"])).long().reshape(-1), reduction="none")
+  w = torch.from_numpy(np.asarray(batch["weights"])).reshape(-1)
+  expected = float((per_token * w).sum() / w.sum())
+  loss = lambda p, c: steps.loss_and_count(model, p, batch, loss_chunk=c)[0]  # noqa: E731
+  chunked, grads = jax.value_and_grad(loss)(params, chunk)
+  np.testing.assert_allclose(float(chunked), expected, rtol=1e-5)
+  _, full_grads = jax.value_and_grad(loss)(params, 0)
+  for (path, g), h in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(full_grads)):
+    np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))

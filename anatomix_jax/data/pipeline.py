@@ -3,7 +3,7 @@
 Training (``train=True``)::
 
   ArrayRecordDataSource → map_with_index(decode) → shuffle(seed) → repeat(num_epochs)
-  → random_map(augment) → map(finalize) → [p::P] host slice → batch(drop_remainder)
+  → random_map(augment) → map(finalize) → batch(drop_remainder) → [p::P] host slice
   → to_iter_dataset → mp_prefetch(num_workers)
 
 * Decoding sits before the shuffle only so the record index travels with the example; MapDataset
@@ -14,6 +14,9 @@ Training (``train=True``)::
 * Augmentation comes BEFORE the host slice, so Grain seeds each example's generator with its global
   position in the repeated stream: position ``g`` gets the same image and the same augmentation
   whatever the process count, worker count or restart history, and every epoch is augmented anew.
+* The host slice takes whole batches: step ``s``'s global batch is positions ``[s·P·b, (s+1)·P·b)``
+  in order, process ``p`` holding the block ``[p·b, (p+1)·b)`` of it. So the global batch, row
+  order included (which dropout masks depend on), is the same for any process count.
 * ``mp_prefetch`` slices the batched MapDataset over the workers and interleaves them round-robin,
   so the batches are identical with 0 or N workers. Iterator ``get_state``/``set_state`` restore
   the exact following batches in both cases (with workers the state holds each worker's position).
@@ -335,7 +338,7 @@ def stage1_dataset(records_dir: str, split: str, *, image_size: int, batch_size:
         raise ValueError(f"{num_epochs} epoch(s) of {n} examples do not fill one global batch of "
                          f"{per_step}")
       ds = ds[:usable]
-    ds = ds[process_index::process_count].batch(batch_size, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
   else:
     per_step = process_count * batch_size
     padded = -(-n // per_step) * per_step

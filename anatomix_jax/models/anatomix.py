@@ -170,6 +170,10 @@ class AnatomiX(nn.Module):
     x = jnp.where(is_image[..., None], image_at, jnp.where(is_object[..., None], object_at, x))
     return nn.with_logical_constraint(x, TOKEN_AXES)
 
+  def logits(self, hidden: Array) -> Array:
+    """Final-normed hidden states float[B, T, H] → float32[B, T, V] (the tied output layer)."""
+    return self.lm.logits(hidden)
+
   def __call__(self, tokens: Array, image_features: Array, object_features: Array, *,
                positions: Array, attention_mask: Array, return_hidden: bool = False) -> tuple:
     """Full forward over a prompt (training / scoring).

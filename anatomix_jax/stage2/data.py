@@ -230,14 +230,15 @@ def batches(ds: grain.MapDataset, *, image_roots: Mapping[str, str], image_size:
     if missing:  # pad with copies of the first record, marked invalid after loading
       pad = grain.MapDataset.source([dict(ds[0], id="__padding__")] * missing)
       ds = grain.MapDataset.concatenate([ds, pad])
-  ds = ds[process_index::process_count]
   ds = ds.map(LoadImage(image_roots, image_size, intensity, skip_bad))
   if not train:
     ds = ds.map(_MarkPadding())
   aug = _augment_dict(augment) if train else None
-  if aug is not None:
+  if aug is not None:  # seeded by the global position: the same for any process count
     ds = ds.random_map(AugmentImage(aug), seed=_derived_seed(seed, 101))
-  ds = ds.batch(batch_size, drop_remainder=train, batch_fn=collate)
+  # Whole batches per host (lazy: a host loads only its own): process p holds rows
+  # [p·b, (p+1)·b) of each global batch, which is the same for any process count.
+  ds = ds.batch(batch_size, drop_remainder=train, batch_fn=collate)[process_index::process_count]
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
 
 

@@ -27,7 +27,9 @@ def base_config(step: str) -> ml_collections.ConfigDict:
       # the paper: google/medgemma-4b-it. Empty with demo.enabled: a tiny LM made locally.
       model_dir="",
       tokenizer_dir="",                # empty: model_dir
-      dtype="bfloat16", param_dtype="float32", remat=False,
+      # remat: MedGemma-4B's activations at 32 × 3,072 tokens need ~184 GiB per v5e device
+      # without it (benchmarks/compile_check.py); the recomputation costs a third more FLOPs.
+      dtype="bfloat16", param_dtype="float32", remat=True,
       scan_layers=False,               # one scanned layer body (flat compile time in depth)
       projection_hidden=512,
       bidirectional_image=False,       # the reference: causal attention over image tokens too
@@ -64,9 +66,14 @@ def base_config(step: str) -> ml_collections.ConfigDict:
       lr=2e-4, warmup_ratio=0.03, clip_norm=0.3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0))
   c.train = ml_collections.ConfigDict(dict(
       batch_size=32, epochs=3, num_steps=-1, log_every=50, checkpoint_every=8000,
-      keep_checkpoints=3, eval_every=8000, eval_limit=2000))
+      keep_checkpoints=3, eval_every=8000, eval_limit=2000,
+      # Output logits in slices of this many tokens per row (0: all at once): MedGemma's
+      # [B, T, 262k] float32 logits take 3 GiB per row of 3,072 tokens, their gradient as much
+      # again; 256 is what lets the finetune step fit a v5e (benchmarks/compile_check.py).
+      loss_chunk=256))
   c.eval = ml_collections.ConfigDict(dict(max_new_tokens=96))
-  c.mesh = config_lib.mesh_config()
+  # FSDP over all devices: 4B frozen weights do not fit replicated on a 16 GiB chip.
+  c.mesh = config_lib.mesh_config(shape=(1, -1, 1))
   c.sharding_rules = config_lib.DEFAULT_RULES
   return c
 
@@ -77,7 +84,8 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   Prompts are ~1,400 tokens (1,024 → 16 image tokens, but 36 context lines remain), so attention
   dominates a step on CPU: 2 heads and batch 2 keep a step near 1 s on 2 cores.
   """
-  c.lm.update(dict(dtype="float32", projection_hidden=64))
+  c.lm.update(dict(dtype="float32", projection_hidden=64, remat=False))
+  c.mesh.shape = (-1, 1, 1)
   c.lm.demo.update(dict(enabled=True, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                         pretrain_steps=400))
   c.lm.lora.update(dict(rank=8, alpha=16.0, dropout=0.0))
@@ -85,5 +93,5 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   c.data.augment.enabled = False
   c.optim.update(dict(lr=2e-3))
   c.train.update(dict(batch_size=2, epochs=0, log_every=20, checkpoint_every=100, eval_every=-1,
-                      eval_limit=48))
+                      eval_limit=48, loss_chunk=0))
   c.eval.max_new_tokens = 64

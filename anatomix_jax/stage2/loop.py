@@ -284,9 +284,11 @@ def train(config: Any, workdir: str) -> dict:
     n_frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(frozen))
     logging.info("stage 2 %s: %d trainable / %d frozen parameters, %d steps, global batch %d",
                  c.step, n_train, n_frozen, run.num_steps, c.train.batch_size)
-    train_step = steps.jit_train_step(steps.make_train_step(run.model, run.tx), run.state_shardings,
-                                      run.frozen_shardings, run.batch_sharding, run.mesh)
-    eval_step = jax.jit(steps.make_eval_step(run.model))
+    chunk = c.train.loss_chunk
+    train_step = steps.jit_train_step(steps.make_train_step(run.model, run.tx, chunk),
+                                      run.state_shardings, run.frozen_shardings,
+                                      run.batch_sharding, run.mesh)
+    eval_step = jax.jit(steps.make_eval_step(run.model, chunk))
     writer = MetricWriter(workdir)
     watcher = checkpointing.PreemptionWatcher()
     rng = jax.random.key(c.seed + 1)

@@ -85,8 +85,47 @@ def make_optimizer(optim_cfg: Any, num_steps: int) -> optax.GradientTransformati
                   weight_decay=optim_cfg.weight_decay))
 
 
+def chunked_cross_entropy(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array,
+                          targets: jax.Array, weights: jax.Array, chunk: int
+                          ) -> tuple[jax.Array, jax.Array]:
+  """``anatomix.cross_entropy`` without materialising all logits: the sequence in ``chunk``-token
+  slices, each slice's float32 logits recomputed in the backward pass (``jax.checkpoint``), so the
+  step holds [B, chunk, V] logits instead of [B, T, V] (MedGemma: V = 262,208).
+
+  Args:
+    logits_fn: float[B, c, H] → float32[B, c, V].
+    hidden: float[B, T, H], final-normed hidden states.
+    targets, weights: [B, T].
+    chunk: tokens per slice (T is padded with weight 0 to a multiple).
+
+  Returns:
+    ``(Σ w·(−log p(target)), Σ w)``.
+  """
+  b, t = targets.shape
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
+  slices = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
+
+  @jax.checkpoint
+  def one(h, y, w):
+    return anatomix.cross_entropy(logits_fn(h), y, w)
+
+  def body(carry, xs):
+    total, count = one(*xs)
+    return (carry[0] + total, carry[1] + count), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (total, count), _ = jax.lax.scan(body, (zero, zero),
+                                   (slices(hidden), slices(targets), slices(weights)))
+  return total, count
+
+
 def loss_and_count(model: anatomix.AnatomiX, params: Any, batch: Mapping[str, jax.Array],
-                   rngs: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+                   rngs: Mapping[str, jax.Array] | None = None, loss_chunk: int = 0
+                   ) -> tuple[jax.Array, jax.Array]:
   """Mean next-token cross-entropy over the weighted positions of the whole batch, and their count.
 
   Args:
@@ -94,18 +133,26 @@ def loss_and_count(model: anatomix.AnatomiX, params: Any, batch: Mapping[str, ja
     params: all AnatomiX params.
     batch: see the module docstring.
     rngs: e.g. ``{"dropout": key}`` (LoRA dropout) or None.
+    loss_chunk: > 0: logits in slices of this many tokens (``chunked_cross_entropy``); 0: at once.
   """
   mask = batch["attention_mask"]
-  (logits,) = model.apply({"params": params}, batch["tokens"], batch["image_features"],
-                          batch["object_features"], positions=gemma3.positions_from_mask(mask),
-                          attention_mask=mask, rngs=rngs)
-  total, count = anatomix.cross_entropy(logits, batch["targets"], batch["weights"])
+  logits, hidden = model.apply({"params": params}, batch["tokens"], batch["image_features"],
+                               batch["object_features"], positions=gemma3.positions_from_mask(mask),
+                               attention_mask=mask, rngs=rngs, return_hidden=True)
+  if 0 < loss_chunk < batch["tokens"].shape[1]:
+    # The full logits above are then unused, and jit drops them.
+    logits_fn = lambda h: model.apply({"params": params}, h, method="logits")  # noqa: E731
+    total, count = chunked_cross_entropy(logits_fn, hidden, batch["targets"], batch["weights"],
+                                         loss_chunk)
+  else:
+    total, count = anatomix.cross_entropy(logits, batch["targets"], batch["weights"])
   return total / jnp.maximum(count, 1.0), count
 
 
-def make_train_step(model: anatomix.AnatomiX, tx: optax.GradientTransformation
-                    ) -> Callable[..., tuple[Stage2State, dict]]:
-  """Builds ``train_step(state, frozen, batch, rng) -> (state, metrics)``.
+def make_train_step(model: anatomix.AnatomiX, tx: optax.GradientTransformation,
+                    loss_chunk: int = 0) -> Callable[..., tuple[Stage2State, dict]]:
+  """Builds ``train_step(state, frozen, batch, rng) -> (state, metrics)``; ``loss_chunk`` as in
+  ``loss_and_count``.
 
   A step whose loss or gradient is not finite leaves params and optimizer state unchanged (the
   step counter still advances) and reports ``nonfinite = 1``, as in stage 1.
@@ -115,7 +162,7 @@ def make_train_step(model: anatomix.AnatomiX, tx: optax.GradientTransformation
     rngs = {"dropout": jax.random.fold_in(rng, state.step)}
 
     def loss_fn(trainable):
-      return loss_and_count(model, anatomix.combine(frozen, trainable), batch, rngs)
+      return loss_and_count(model, anatomix.combine(frozen, trainable), batch, rngs, loss_chunk)
 
     (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state, guard = train_steps.apply_if_finite(state, tx, loss, grads)
@@ -124,10 +171,11 @@ def make_train_step(model: anatomix.AnatomiX, tx: optax.GradientTransformation
   return train_step
 
 
-def make_eval_step(model: anatomix.AnatomiX) -> Callable[..., dict]:
+def make_eval_step(model: anatomix.AnatomiX, loss_chunk: int = 0) -> Callable[..., dict]:
   """``eval_step(state, frozen, batch) -> {"loss_sum", "tokens"}`` (summed, for a corpus mean)."""
   def eval_step(state: Stage2State, frozen: Any, batch: Mapping[str, jax.Array]) -> dict:
-    loss, count = loss_and_count(model, anatomix.combine(frozen, state.params), batch)
+    loss, count = loss_and_count(model, anatomix.combine(frozen, state.params), batch,
+                                 loss_chunk=loss_chunk)
     return {"loss_sum": loss * count, "tokens": count}
 
   return eval_step

@@ -1,0 +1,1 @@
+"""Scale-out tooling: accelerator specs, ahead-of-time compile checks and the memory/throughput model."""
