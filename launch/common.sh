@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers of the launch scripts (sourced, not run).
 #
 # run CMD...    executes CMD, or with DRY_RUN=1 prints it (shell-quoted, one line) and does nothing.

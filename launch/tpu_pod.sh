@@ -29,7 +29,7 @@ USAGE
 COMMAND="${1:-}"
 [[ -z "${COMMAND}" || "${COMMAND}" == "--help" || "${COMMAND}" == "-h" ]] && { usage; exit 0; }
 shift
-SPOT=0 REF=main RUNTIME=v2-alpha-tpuv5-lite EXTRA=""
+NAME="" ZONE="" SPOT=0 REF=main RUNTIME=v2-alpha-tpuv5-lite EXTRA=""
 while (($#)); do
   case "$1" in
     --spot) SPOT=1 ;;
