@@ -218,7 +218,7 @@ def test_incremental_decode_matches_full_forward(loaded):
                        cache=cache, cache_index=index)
 
   cache = model.init_cache(3, prompt + new)
-  assert cache["layers_0"]["k"].shape == (3, prompt + new, 2, 8)
+  assert cache["layers_0"]["k"].shape == (3, 2, prompt + new, 8)  # [B, KV, S, D]
   logits, cache = step(params, cache, ids[:, :prompt], positions[:, :prompt], mask, 0)
   real = _real(mask[:, :prompt])
   np.testing.assert_allclose(np.asarray(logits)[real], full[:, :prompt][real], atol=1e-4)
@@ -246,6 +246,12 @@ def test_cache_errors(loaded):
                 cache_index=0)
   with pytest.raises(ValueError, match="exactly one of tokens and embeddings"):
     model.apply({"params": params}, positions=positions, attention_mask=mask)
+  old_layout = {k: v if k == "pos" else {n: a.transpose(0, 2, 1, 3) for n, a in v.items()}
+                for k, v in cache.items()}  # [B, S, KV, D], the layout before the decode change
+  with pytest.raises(ValueError, match=r"cache\['layers_0'\]\['k'\] has shape \(3, 16, 2, 8\), "
+                     r"expected \[B, KV, S, D\] = \(3, 2, 16, 8\)"):
+    model.apply({"params": params}, ids, positions=positions, attention_mask=np.ones((3, 16)),
+                cache=old_layout, cache_index=0)
 
 
 def test_export_round_trip(causal, loaded, tmp_path):

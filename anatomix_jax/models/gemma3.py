@@ -21,7 +21,8 @@ Masks: causality compares key and query SLOTS (the index along the sequence or K
 sliding window compares their ``positions``; ``attention_mask`` removes padded keys. For left- or
 right-padded rows with positions counted over real tokens (``positions_from_mask``) this equals HF.
 
-KV cache (``init_cache``): ``{"pos": int32[B, S], "layers_{i}": {"k", "v": [B, S, KV, D]}}``. A
+KV cache (``init_cache``): ``{"pos": int32[B, S], "layers_{i}": {"k", "v": [B, KV, S, D]}}`` (slots
+next to head_dim, so a decode step reads each head's keys contiguously, without a transposing copy). A
 call with a cache writes its T new keys/values/positions at slots ``cache_index … cache_index+T-1``
 (the same offset for every row: callers left-pad prompts so rows stay aligned) and attends over all
 S slots, with ``attention_mask`` [B, S] marking the filled, non-padding slots.
@@ -526,7 +527,7 @@ class Attention(nn.Module):
       x: float[B, T, H] normed hidden states.
       positions: int32[B, T] RoPE positions.
       mask: bool[B, T, S], True where query t may attend to key slot s.
-      cache: None (S = T) or this layer's ``{"k", "v"}`` [B, S, KV, D].
+      cache: None (S = T) or this layer's ``{"k", "v"}`` [B, KV, S, D].
       cache_index: int32 scalar write offset (with a cache).
       is_full: with ``layer_type`` None (scanned layers): bool scalar, full-attention layer.
 
@@ -550,20 +551,27 @@ class Attention(nn.Module):
       theta, factor = cfg.rope(self.layer_type)
       q, k = rope(q, positions, theta, factor), rope(k, positions, theta, factor)
     new_cache = None
-    if cache is not None:
-      start = (0, cache_index, 0, 0)
-      new_cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
-                   "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
-      k, v = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
     b, t = q.shape[:2]
     q = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, cfg.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(
+    keys = "bskd"  # k, v: [B, S, KV, D]
+    if cache is not None:  # the cache holds [B, KV, S, D]
+      keys, start = "bksd", (0, 0, cache_index, 0)
+      new_cache = {name: jax.lax.dynamic_update_slice(
+          cache[name], new.transpose(0, 2, 1, 3).astype(cache[name].dtype), start)
+                   for name, new in (("k", k), ("v", v))}
+      k, v = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
+    scores = jnp.einsum(f"btkgd,{keys}->bkgts", q, k) * jnp.asarray(
         cfg.query_pre_attn_scalar ** -0.5, dtype)
     scores = softcap(scores, cfg.attn_logit_softcapping).astype(jnp.float32)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(
-        b, t, cfg.num_attention_heads, cfg.head_dim)
+    if cache is not None and t == 1:
+      # One decode token: multiply-and-sum over the slots. As a dot, XLA:CPU runs it as B·KV tiny
+      # [G, S]·[S, D] matmuls, which cost ~3x more per decode step.
+      out = jnp.sum(weights[:, :, :, 0, :, None] * v[:, :, None], axis=-2)[:, None]  # [B,1,KV,G,D]
+    else:
+      out = jnp.einsum(f"bkgts,{keys}->btkgd", weights, v)
+    out = out.reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
     return HeadsMerge(cfg.hidden_size, dtype, pdtype, _lora_for(cfg, "o_proj"),
                       name="o_proj")(out), new_cache
 
@@ -681,7 +689,7 @@ def attention_masks(attention_mask: Array, positions: Array, key_positions: Arra
 
 def init_cache(config: Gemma3Config, batch: int, max_len: int,
                dtype: Any = None) -> dict[str, Any]:
-  """A zero KV cache: ``{"pos": int32[B, S], "layers_{i}": {"k", "v": dtype[B, S, KV, D]}}``.
+  """A zero KV cache: ``{"pos": int32[B, S], "layers_{i}": {"k", "v": dtype[B, KV, S, D]}}``.
 
   Args:
     config: the model's config.
@@ -690,7 +698,7 @@ def init_cache(config: Gemma3Config, batch: int, max_len: int,
     dtype: the keys'/values' dtype; None: the compute dtype.
   """
   dtype = config.compute_dtype if dtype is None else jnp.dtype(dtype)
-  shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+  shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
   cache: dict[str, Any] = {"pos": jnp.zeros((batch, max_len), jnp.int32)}
   for i in range(config.num_hidden_layers):
     cache[f"layers_{i}"] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
@@ -713,6 +721,12 @@ def _check_cache(cache: Mapping[str, Any], config: Gemma3Config, batch: int, len
   missing = [f"layers_{i}" for i in range(config.num_hidden_layers) if f"layers_{i}" not in cache]
   if missing:
     raise ValueError(f"cache lacks {', '.join(missing)}")
+  want = (batch, config.num_key_value_heads, slots, config.head_dim)
+  for name, layer in cache.items():
+    for kv in ("k", "v") if name.startswith("layers_") else ():
+      if tuple(layer[kv].shape) != want:
+        raise ValueError(f"cache['{name}']['{kv}'] has shape {tuple(layer[kv].shape)}, expected "
+                         f"[B, KV, S, D] = {want} (init_cache builds it)")
   try:
     start = int(cache_index)
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
