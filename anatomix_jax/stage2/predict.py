@@ -7,12 +7,13 @@
 Per image: decode (``images.read_radiograph``: 8/16-bit PNG, JPEG, DICOM with its modality and VOI
 LUTs and MONOCHROME1 inversion), the stage-1 letterbox to the 1024 canvas and intensity stretch,
 the frozen APM (36 anatomy boxes + embeddings), retrieval of one finding sentence per anatomy,
-and — unless ``predict.generate`` is off — greedy generation for the chosen task. Writes
-``{output_dir}/{name}.json`` (anatomy boxes with names on the canvas and in original-image pixels
-(clipped to the image),
-retrieved findings, the instruction, the generated text and the boxes parsed from it) and
-``{name}.png`` (the letterboxed image with APM boxes thin and answer boxes thick). A folder's
-unreadable files are listed in ``summary.json`` and skipped; a single unreadable file is an error.
+and — unless ``predict.generate`` is off — greedy generation for the chosen task. A folder is
+searched recursively. Writes ``{output_dir}/{name}.json`` (``name``: the image's path below the
+input folder without its suffix; anatomy boxes with names on the canvas and in original-image
+pixels (clipped to the image), retrieved findings, the instruction, the generated text and the
+boxes parsed from it) and ``{name}.png`` (the letterboxed image with APM boxes thin and answer
+boxes thick). A folder's unreadable files are listed in ``summary.json`` and skipped; a single
+unreadable file is an error.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ TASKS = {
 
 
 def list_inputs(inputs: str) -> list[str]:
-  """A file, or a folder's image files (by suffix, sorted, not recursive).
+  """A file, or the image files (by suffix, sorted) anywhere below a folder — datasets such as
+  MIMIC-CXR-JPG keep each study's images in its own subfolder.
 
   Raises:
     FileNotFoundError: the path does not exist, or the folder holds no image files.
@@ -60,11 +62,18 @@ def list_inputs(inputs: str) -> list[str]:
     return [inputs]
   if not os.path.isdir(inputs):
     raise FileNotFoundError(f"predict.inputs: {inputs} does not exist")
-  files = sorted(os.path.join(inputs, f) for f in os.listdir(inputs)
-                 if f.lower().endswith(SUFFIXES) and os.path.isfile(os.path.join(inputs, f)))
+  files = sorted(os.path.join(root, f) for root, _, names in os.walk(inputs) for f in names
+                 if f.lower().endswith(SUFFIXES))
   if not files:
     raise FileNotFoundError(f"predict.inputs: {inputs} holds no image files ({', '.join(SUFFIXES)})")
   return files
+
+
+def output_name(path: str, inputs: str) -> str:
+  """The results' name for ``path``: its path below the ``inputs`` folder without the suffix (so
+  same-named images of different subfolders do not overwrite each other), or a file's stem."""
+  root = inputs if os.path.isdir(inputs) else os.path.dirname(path)
+  return os.path.splitext(os.path.relpath(path, root))[0]
 
 
 def instruction(task: str, query: str) -> tuple[str, str]:
@@ -144,8 +153,8 @@ def predict(config: Any, workdir: str) -> dict[str, Any]:
       features, answers = run.apm(stacked), [None] * len(batch)
     timings.append((time.perf_counter() - t0, len(batch)))
     for i, path in enumerate(batch_files):
-      _write_one(out_dir, path, features["boxes"][i], features["sentences"][i], answers[i],
-                 transforms[i], canvases[i], p, text)
+      _write_one(out_dir, output_name(path, p.inputs), path, features["boxes"][i],
+                 features["sentences"][i], answers[i], transforms[i], canvases[i], p, text)
     done += len(batch)
   seconds = sum(t for t, _ in timings)
   summary = {"images": done, "failures": failures, "seconds": seconds,
@@ -162,10 +171,11 @@ def predict(config: Any, workdir: str) -> dict[str, Any]:
   return summary
 
 
-def _write_one(out_dir: str, path: str, apm_boxes: np.ndarray, sentences: Sequence[str],
-               answer: str | None, transform: images.LetterboxTransform, canvas: np.ndarray,
-               p: Any, text: str) -> None:
-  name = os.path.splitext(os.path.basename(path))[0]
+def _write_one(out_dir: str, name: str, path: str, apm_boxes: np.ndarray,
+               sentences: Sequence[str], answer: str | None,
+               transform: images.LetterboxTransform, canvas: np.ndarray, p: Any,
+               text: str) -> None:
+  os.makedirs(os.path.dirname(os.path.join(out_dir, name)), exist_ok=True)
   parsed = box_formats.parse(answer or "", "anatomix")
   result = {
       "file": os.path.abspath(path),
