@@ -9,7 +9,7 @@
 
 Medians of ``--repeats`` runs after a warm-up.
 
-  python benchmarks/cpu_limits.py [--repeats=5] [--threads=2] [--layers=16] [--steps=32]
+  python benchmarks/cpu_limits.py [--repeats=15] [--threads=2] [--layers=16] [--steps=32]
 """
 
 from __future__ import annotations

@@ -722,10 +722,11 @@ def _check_cache(cache: Mapping[str, Any], config: Gemma3Config, batch: int, len
   if missing:
     raise ValueError(f"cache lacks {', '.join(missing)}")
   want = (batch, config.num_key_value_heads, slots, config.head_dim)
-  for name, layer in cache.items():
-    for kv in ("k", "v") if name.startswith("layers_") else ():
-      if tuple(layer[kv].shape) != want:
-        raise ValueError(f"cache['{name}']['{kv}'] has shape {tuple(layer[kv].shape)}, expected "
+  for i in range(config.num_hidden_layers):
+    for kv in ("k", "v"):
+      shape = tuple(cache[f"layers_{i}"][kv].shape)
+      if shape != want:
+        raise ValueError(f"cache['layers_{i}']['{kv}'] has shape {shape}, expected "
                          f"[B, KV, S, D] = {want} (init_cache builds it)")
   try:
     start = int(cache_index)
