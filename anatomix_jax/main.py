@@ -86,7 +86,7 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
 
-  from anatomix_jax.train import loop  # pylint: disable=import-outside-toplevel
+  from anatomix_jax.stage1 import task as loop  # pylint: disable=import-outside-toplevel
 
   config = _CONFIG.value
   if config.stage not in ("stage1", "stage2"):
@@ -103,13 +103,13 @@ def main(argv):
     if field not in config:
       raise app.UsageError(f"--mode={_MODE.value} for stage 2 takes {config_file}")
     if _MODE.value == "eval":
-      from anatomix_jax.evaluation import runner  # the metric packages load only here
+      from anatomix_jax.stage2 import evaluate as runner  # the metric packages load only here
       result = runner.evaluate(config, _WORKDIR.value)
     elif _MODE.value == "predict":
       from anatomix_jax.stage2 import predict
       result = predict.predict(config, _WORKDIR.value)
     else:
-      from anatomix_jax.stage2 import export as stage2_export, loop as stage2_loop
+      from anatomix_jax.stage2 import export as stage2_export, task as stage2_loop
       mode = stage2_loop.train if _MODE.value == "train" else stage2_export.export
       result = mode(config, _WORKDIR.value)
   elif _MODE.value == "train":
@@ -119,7 +119,7 @@ def main(argv):
   elif _MODE.value == "predict":
     raise app.UsageError("--mode=predict takes a stage-2 model: configs/predict.py")
   else:
-    from anatomix_jax.rag import build  # pylint: disable=import-outside-toplevel
+    from anatomix_jax.stage1 import rag as build  # pylint: disable=import-outside-toplevel
     result = build.build_and_evaluate(config, _WORKDIR.value)
   if jax.process_index() == 0 and result:
     logging.info("done: %s", {k: v for k, v in result.items() if "/" not in k})
@@ -133,7 +133,7 @@ def _compile_check() -> None:
   if config.stage == "stage2" and "step" not in config:
     raise app.UsageError("--mode=compile_check for stage 2 takes configs/stage2_{align,finetune}.py")
   import json  # pylint: disable=import-outside-toplevel
-  from anatomix_jax.scale import compile_check  # pylint: disable=import-outside-toplevel
+  from anatomix_jax.aot import compile_check  # pylint: disable=import-outside-toplevel
 
   report = compile_check.check(config, _TOPOLOGY.value)
   os.makedirs(_WORKDIR.value, exist_ok=True)

@@ -3,7 +3,7 @@
 For each case: the stage-1 step at the paper setting (1024², global batch 48) or the stage-2
 finetune step (MedGemma-4B text model, LoRA r16 + embedding + projection heads, 1,024 image tokens
 in 3,072-token rows, global batch 32) is compiled for a TPU topology with libtpu (no TPU needed;
-``pip install -e .[tpu]``), and ``anatomix_jax.scale.compile_check`` reports per-device memory,
+``pip install -e .[tpu]``), and ``anatomix_jax.aot.compile_check`` reports per-device memory,
 FLOPs and a roofline step time / MFU. 8×H100 rows reuse the 8-device v5e compiles with the H100's
 figures (an estimate: no GPU compiler here). Per target (v5e-8, v5p-8, 8×H100) the fastest case
 that fits is the recommendation.
@@ -25,7 +25,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from anatomix_jax.scale import compile_check, hardware  # noqa: E402
+from anatomix_jax.aot import compile_check, hardware  # noqa: E402
 from configs import stage1, stage2_finetune  # noqa: E402
 
 PAPER_S2 = {"lm.remat": True, "lm.scan_layers": True}

@@ -22,7 +22,7 @@ import numpy as np
 
 from anatomix_jax import anatomy
 from anatomix_jax.data import augment
-from anatomix_jax.data import pipeline
+from anatomix_jax.stage1 import data as pipeline
 from anatomix_jax.data import records
 
 _NUM_RECORDS = flags.DEFINE_integer("num_records", 64, "synthetic records to write")

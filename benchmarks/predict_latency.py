@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import timing  # noqa: E402  (benchmarks/timing.py)
-from anatomix_jax import config_lib  # noqa: E402
+from anatomix_jax.core import config as config_lib  # noqa: E402
 from anatomix_jax.stage2 import inference, predict  # noqa: E402
 
 

@@ -31,7 +31,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from anatomix_jax.models import apm, bert  # noqa: E402
 from anatomix_jax.rag import retrieval  # noqa: E402
-from anatomix_jax.train import sharding, state as state_lib, steps  # noqa: E402
+from anatomix_jax.core import sharding, state as state_lib  # noqa: E402
+from anatomix_jax.stage1 import steps
 from configs import stage1  # noqa: E402
 import timing  # noqa: E402  (benchmarks/timing.py, beside this script)
 

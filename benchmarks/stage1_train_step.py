@@ -26,7 +26,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from anatomix_jax.models import apm  # noqa: E402
-from anatomix_jax.train import sharding, state as state_lib, steps  # noqa: E402
+from anatomix_jax.core import sharding, state as state_lib  # noqa: E402
+from anatomix_jax.stage1 import steps
 from configs import stage1  # noqa: E402  (configs/ is a plain folder beside the package)
 
 

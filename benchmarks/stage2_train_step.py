@@ -30,10 +30,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import timing  # noqa: E402  (benchmarks/timing.py)
-from anatomix_jax import config_lib  # noqa: E402
+from anatomix_jax.core import config as config_lib  # noqa: E402
 from anatomix_jax.models import anatomix, apm, gemma3, lora  # noqa: E402
 from anatomix_jax.stage2 import steps  # noqa: E402
-from anatomix_jax.train import sharding  # noqa: E402
+from anatomix_jax.core import sharding  # noqa: E402
 from configs import stage1  # noqa: E402
 
 S, F = "sliding_attention", "full_attention"

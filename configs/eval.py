@@ -9,7 +9,7 @@ evaluates the stage-2 demo in a few minutes (a few records per task, short answe
 
 import ml_collections
 
-from anatomix_jax import config_lib
+from anatomix_jax.core import config as config_lib
 from anatomix_jax.instruct import schema
 
 

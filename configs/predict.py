@@ -11,7 +11,7 @@ abnormality_detection, question (``predict.query`` holds the anatomy name, phras
 
 import ml_collections
 
-from anatomix_jax import config_lib
+from anatomix_jax.core import config as config_lib
 
 
 def get_config(arg=None):

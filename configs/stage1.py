@@ -10,7 +10,7 @@ Everything else is a ``--config.a.b=value`` override.
 
 import ml_collections
 
-from anatomix_jax import config_lib
+from anatomix_jax.core import config as config_lib
 
 
 def get_config(arg=None):

@@ -6,8 +6,8 @@ its RAG database), ``--config.lm.model_dir`` (local MedGemma-4B) and ``--config.
 ``:demo`` runs on CPU after the stage-1 demo (``--config.apm.workdir`` = that demo's workdir).
 """
 
-from anatomix_jax import config_lib
-from anatomix_jax.stage2 import defaults
+from anatomix_jax.core import config as config_lib
+from anatomix_jax.stage2 import config as defaults
 
 
 def get_config(arg=None):

@@ -5,8 +5,8 @@ the align step's heads (REFERENCE.md §1.4: 4 epochs, effective batch 32, lr 2e-
 ``--config.init_from`` = the align workdir. ``:demo`` follows the align demo.
 """
 
-from anatomix_jax import config_lib
-from anatomix_jax.stage2 import defaults
+from anatomix_jax.core import config as config_lib
+from anatomix_jax.stage2 import config as defaults
 
 
 def get_config(arg=None):

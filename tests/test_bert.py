@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-from anatomix_jax.config_lib import DEFAULT_RULES
+from anatomix_jax.core.config import DEFAULT_RULES
 from anatomix_jax.convert import hf_bert, tensors
 from anatomix_jax.models.bert import BertConfig, BertModel, TextProjection, mean_pool
 

@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from scipy.special import logsumexp, softmax
 
-from anatomix_jax.contrastive import contrastive_loss
+from anatomix_jax.stage1.contrastive import contrastive_loss
 
 B, A, D, E = 3, 36, 16, 24
 N = B * A

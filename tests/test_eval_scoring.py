@@ -9,7 +9,8 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from anatomix_jax.evaluation import runner, scoring, tables
+from anatomix_jax.stage2 import evaluate as runner
+from anatomix_jax.evaluation import scoring, tables
 from anatomix_jax.instruct import schema
 
 METRICS = ml_collections.ConfigDict(dict(

@@ -16,10 +16,10 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from anatomix_jax import config_lib
+from anatomix_jax.core import config as config_lib
 from anatomix_jax.convert import hf_gemma3
 from anatomix_jax.models import gemma3
-from anatomix_jax.train import sharding
+from anatomix_jax.core import sharding
 
 S, F = "sliding_attention", "full_attention"
 LAYER_TYPES = [S, S, F, S, S, S, F]

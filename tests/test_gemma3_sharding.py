@@ -12,9 +12,9 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from anatomix_jax import config_lib
+from anatomix_jax.core import config as config_lib
 from anatomix_jax.models import gemma3
-from anatomix_jax.train import sharding
+from anatomix_jax.core import sharding
 
 S, F = "sliding_attention", "full_attention"
 # Even sizes, so that the tensor axis really splits the vocabulary, heads and MLP.

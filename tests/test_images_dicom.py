@@ -23,7 +23,7 @@ from pydicom.uid import (ComprehensiveSRStorage, DigitalXRayImageStorageForPrese
                          SecondaryCaptureImageStorage, generate_uid)
 
 from anatomix_jax.data import images
-from anatomix_jax.train import overlays
+from anatomix_jax.evaluation import overlays
 
 RNG = np.random.default_rng(20250101)
 # 40 rows × 30 columns: not square, so a transposed result would not pass.

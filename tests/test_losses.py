@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from anatomix_jax import losses
+from anatomix_jax.stage1 import losses
 from anatomix_jax.ops import boxes
 
 

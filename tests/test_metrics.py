@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from anatomix_jax.train import metrics
+from anatomix_jax.stage1 import metrics
 
 
 def test_average_precision_hand_cases():
@@ -59,7 +59,7 @@ def test_label_metrics_f1_thresholds():
 
 
 def test_metric_writer_jsonl_and_tensorboard_tags(tmp_path):
-  from anatomix_jax.train import writers
+  from anatomix_jax.core import writers
   writer = writers.MetricWriter(str(tmp_path))
   writer.write(7, "val", {"auroc/Support Devices": np.float32(0.75), "auroc/Pleural Other": float("nan"),
                           "image": np.zeros((2, 2))})  # not a scalar: dropped

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from anatomix_jax import anatomy
-from anatomix_jax.data import pipeline
+from anatomix_jax.stage1 import data as pipeline
 from anatomix_jax.data import records
 
 N = 13

@@ -15,10 +15,10 @@ import safetensors.numpy
 
 from anatomix_jax import anatomy
 from anatomix_jax.convert import hf_bert
-from anatomix_jax.data import pipeline
+from anatomix_jax.stage1 import data as pipeline
 from anatomix_jax.data import records
 from anatomix_jax.data import sentences as sentences_lib
-from anatomix_jax.data import text_embeddings
+from anatomix_jax.stage1 import text as text_embeddings
 from anatomix_jax.rag import database
 from anatomix_jax.rag import retrieval
 

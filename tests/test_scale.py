@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import pytest
 
 from anatomix_jax.models import gemma3, lora as lora_lib
-from anatomix_jax.scale import compile_check, flops, hardware
-from anatomix_jax.train import sharding as sharding_lib
+from anatomix_jax.aot import compile_check, flops, hardware
+from anatomix_jax.core import sharding as sharding_lib
 from configs import stage1, stage2_finetune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from anatomix_jax import config_lib
-from anatomix_jax.train import sharding
+from anatomix_jax.core import config as config_lib
+from anatomix_jax.core import sharding
 
 
 def test_mesh_autofill_and_axis_types():

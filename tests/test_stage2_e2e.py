@@ -16,7 +16,7 @@ import pytest
 
 import tiny
 from anatomix_jax.instruct import schema
-from anatomix_jax.stage2 import demo_data
+from anatomix_jax.stage2.demo import data as demo_data
 
 pytestmark = pytest.mark.slow
 STEPS = 6

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from anatomix_jax.stage2 import evaluate
+from anatomix_jax.stage2 import grounding as evaluate
 
 
 def test_parse_boxes_and_iou_by_hand():

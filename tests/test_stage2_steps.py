@@ -11,10 +11,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from anatomix_jax import config_lib
+from anatomix_jax.core import config as config_lib
 from anatomix_jax.models import anatomix, gemma3, lora
 from anatomix_jax.stage2 import steps
-from anatomix_jax.train import sharding
+from anatomix_jax.core import sharding
 
 S, F = "sliding_attention", "full_attention"
 # Even sizes so the (2,2,2) mesh really splits vocabulary, heads and MLP.

@@ -12,9 +12,10 @@ import pytest
 from jax.sharding import NamedSharding
 
 import tiny
-from anatomix_jax import config_lib
+from anatomix_jax.core import config as config_lib
 from anatomix_jax.models import apm
-from anatomix_jax.train import loop, sharding, state as state_lib, steps
+from anatomix_jax.stage1 import task as loop, steps
+from anatomix_jax.core import sharding, state as state_lib
 
 TEXT_DIM = 11  # width of the (fake) frozen text-encoder embeddings
 

@@ -38,13 +38,13 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from anatomix_jax.config_lib import DEFAULT_RULES
+from anatomix_jax.core.config import DEFAULT_RULES
 from anatomix_jax.convert.tensors import (
     TRANSFORMS, HFRule, Transform, get_path, key_list, read_bf16_tensor, set_path)
 from anatomix_jax.models import lora as lora_lib
 from anatomix_jax.models.gemma3 import (Gemma3Config, abstract_variables, stack_layers,
                                         unstack_layers)
-from anatomix_jax.train.sharding import logical_shardings, unbox
+from anatomix_jax.core.sharding import logical_shardings, unbox
 
 Path = tuple[str, ...]
 CONFIG_FILE = "config.json"

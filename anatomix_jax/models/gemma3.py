@@ -57,10 +57,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anatomix_jax import config_lib
+from anatomix_jax.core import config as config_lib
 from anatomix_jax.models import lora as lora_lib
 from anatomix_jax.models.transformer import TOKEN_AXES
-from anatomix_jax.train.sharding import _fit_to_shape, unbox as _unbox
+from anatomix_jax.core.sharding import _fit_to_shape, unbox as _unbox
 
 Array = jax.Array
 

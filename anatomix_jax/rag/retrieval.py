@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anatomix_jax.contrastive import l2_normalize
+from anatomix_jax.stage1.contrastive import l2_normalize
 from anatomix_jax.rag.database import RagDatabase
 
 Array = jax.Array

@@ -26,7 +26,7 @@ from absl import logging
 
 from anatomix_jax.data import augment as augment_lib
 from anatomix_jax.data import images
-from anatomix_jax.data.pipeline import _augment_dict, _derived_seed
+from anatomix_jax.stage1.data import _augment_dict, _derived_seed
 from anatomix_jax.instruct import schema
 
 _MAX_LOGGED = 20

@@ -1,146 +1,208 @@
-"""Stage-2 validation: loss on held-out records and grounding by generation.
+"""``--mode=eval`` for stage 2: generate on each task's test records, score, write the tables.
 
-Grounding: for records of the grounding tasks whose answers hold boxes, the model generates greedily
-from the prompt (the reference's empty system prompt, no context dropout); ``<box>(x1,y1),(x2,y2)
-</box>`` spans are parsed out of the text and scored against the boxes of the record's answer:
+    python -m anatomix_jax.main --config=configs/eval.py[:demo] --workdir=<stage-2 workdir> --mode=eval
 
-  parse_rate   fraction of answers with at least one box, over records whose true answer has
-               boxes (the demo target: ≥ 0.8); records whose true answer has none ("No … detected.")
-               give ``negative_accuracy``, the fraction answered without a box;
-  iou          the reference's per-sample IoU (each predicted box's best IoU with a true box,
-               averaged), averaged over parseable answers only;
-  iou_strict   the same with unparseable answers counted as 0;
-  apm_iou      for anatomy-grounding records: the frozen APM's own box for that anatomy, the
-               number the LM's answer can be compared with.
+The model, frozen APM and instruction data are those the workdir was trained with (the config saved
+in its checkpoint); ``configs/eval.py`` says what to evaluate and how to score it. Output, under
+``{workdir}/eval/{split}_step{N}/``:
+  ``samples.jsonl``  one line per record: id, source, task, instruction, reference, answer, the
+                     APM's boxes. Lines are appended and flushed batch by batch, so an interrupted
+                     evaluation resumes where it stopped (records already in the file are not
+                     generated again);
+  ``scored_samples.jsonl``  the same lines with their per-sample ``scores``;
+  ``results.json``   per (task, source) and per task: sample counts and metric means, the Table-1
+                     layout, which metric is a mean of per-sample scores and which corpus-level,
+                     and which optional metrics were skipped and why;
+  ``results.md``     the same as Markdown tables.
 
-(The full metric suite — mAP, NLG and clinical scores, peers' box formats — belongs to
-``--mode=eval``; these are the numbers training needs.)
+``evaluate.predictions`` scores an existing JSONL of another system's answers instead (fields id,
+source, task, reference, answer), with ``evaluate.box_format`` naming how it writes boxes.
+
+Records follow the reference's benchmark (REFERENCE.md §5): the test split, VinDr subsampled to
+35 % (``evaluate.sources`` fractions, a seeded choice), the evaluation system prompt "", no context
+dropout, greedy decoding up to ``max_new_tokens``, answers post-processed.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-from anatomix_jax import anatomy
-from anatomix_jax.models import anatomix, generate
-from anatomix_jax.stage2 import prompt
+from anatomix_jax.evaluation import scoring, tables
+from anatomix_jax.instruct import schema
+from anatomix_jax.stage2 import data, inference
 
-GROUNDING_TASKS = ("Phrase Grounding", "Anatomy Grounding", "Abnormality Detection")
-_BOX = re.compile(r"<box>\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)\s*,\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)"
-                  r"\s*</box>")
-
-
-def parse_boxes(text: str) -> np.ndarray:
-  """All ``<box>(x1,y1),(x2,y2)</box>`` spans of a text → float32[K, 4] (K may be 0)."""
-  boxes = [[float(v) for v in m.groups()] for m in _BOX.finditer(text)]
-  return np.asarray(boxes, np.float32).reshape(-1, 4)
+SAMPLES = "samples.jsonl"
 
 
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """IoU of xyxy boxes a [K, 4] × b [M, 4] → [K, M] (degenerate boxes give 0)."""
-  lt = np.maximum(a[:, None, :2], b[None, :, :2])
-  rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-  inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-  area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=-1)  # noqa: E731
-  union = area(a)[:, None] + area(b)[None, :] - inter
-  return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
-
-
-def sample_iou(predicted: np.ndarray, truth: np.ndarray) -> float | None:
-  """Mean over predicted boxes of the best IoU with a true box; None when nothing was predicted."""
-  if len(predicted) == 0:
-    return None
-  if len(truth) == 0:
-    return 0.0
-  return float(iou_matrix(predicted, truth).max(axis=1).mean())
-
-
-def true_boxes(record: dict[str, Any]) -> np.ndarray:
-  """The boxes of a record's answer (its first response, placeholders filled)."""
-  text = prompt.fill_placeholders(record["responses"][0], record.get("boxes"), record["id"])
-  return parse_boxes(text)
-
-
-def generate_answers(model: anatomix.AnatomiX, params: Any, tok: Any,
-                     encoded: Sequence[prompt.Encoded], features: dict[str, Any],
-                     max_new_tokens: int, buckets: Sequence[int] = ()) -> list[str]:
-  """Greedy answers for prompts that end with the generation prompt.
+def select_records(data_dir: str, split: str, fractions: Mapping[str, float],
+                   tasks: Sequence[str] = (), max_per_task: int = 0, seed: int = 0
+                   ) -> list[dict[str, Any]]:
+  """The records to evaluate, in file order.
 
   Args:
-    model: the stage-2 model; params: all its params.
-    tok: the tokenizer.
-    encoded: B prompts (``encode`` of examples built with ``answer=False``).
-    features: ``memory`` [B, P, 256] and ``objects`` [B, 36, 16] from the APM.
-    max_new_tokens: the generation budget.
-    buckets: prompt lengths to left-pad to (the smallest that fits), so jit compiles few shapes.
-
-  Returns:
-    B decoded answers (special tokens kept, so ``<box>`` spans survive; up to the stop token).
+    data_dir: ``{source}/{split}.jsonl`` files.
+    split: usually "test".
+    fractions: source → fraction of its records (a seeded random subset, as the reference's
+      ``subset=0.35`` for VinDr); 0 leaves a source out. Sources without a file are skipped.
+    tasks: only these tasks (empty: all).
+    max_per_task: at most this many records per (source, task), the first after subsampling
+      (0: no cap) — the demo's budget.
+    seed: the subsampling seed.
   """
-  longest = max(len(e) for e in encoded)
-  length = next((b for b in buckets if b >= longest), longest)  # few distinct compiled shapes
-  tokens, mask = generate.left_pad([e.input_ids for e in encoded], tok.pad_id, length)
-  embeddings = _embed(model, params, jnp.asarray(tokens), features["memory"], features["objects"])
-  out = generate.generate(model.config.lm, params["lm"], embeddings=embeddings,
-                          attention_mask=jnp.asarray(mask), max_new_tokens=max_new_tokens,
-                          stop_tokens=(tok.end_of_turn_id, tok.eos_id), pad_token_id=tok.pad_id)
-  ids, lengths = np.asarray(out["tokens"]), np.asarray(out["lengths"])
-  return [tok.tokenizer.decode(row[:n], skip_special_tokens=False) for row, n in zip(ids, lengths)]
+  out = []
+  for source, fraction in sorted(fractions.items()):
+    if source not in schema.SOURCES:
+      raise ValueError(f"evaluate.sources: unknown source {source!r} (one of {schema.SOURCES})")
+    if not 0.0 <= fraction <= 1.0:
+      raise ValueError(f"evaluate.sources.{source} = {fraction}: a fraction must be in [0, 1]")
+    path = data.jsonl_path(data_dir, source, split)
+    if fraction == 0 or not os.path.isfile(path):
+      continue
+    records = [r for r in schema.read_jsonl(path) if not tasks or r["task"] in tasks]
+    if fraction < 1:
+      rng = np.random.default_rng([seed, schema.SOURCES.index(source)])
+      chosen = np.sort(rng.permutation(len(records))[:math.ceil(fraction * len(records))])
+      records = [records[i] for i in chosen]
+    if max_per_task:
+      counts: dict[str, int] = {}
+      capped = []
+      for r in records:
+        counts[r["task"]] = counts.get(r["task"], 0) + 1
+        if counts[r["task"]] <= max_per_task:
+          capped.append(r)
+      records = capped
+    out += records
+  return out
 
 
-_EMBED: dict = {}
-
-
-def _embed(model, params, tokens, memory, objects):
-  """``AnatomiX.embed`` jitted once per model config."""
-  fn = _EMBED.setdefault(model.config, jax.jit(
-      lambda p, t, m, o: model.apply({"params": p}, t, m, o, method=anatomix.AnatomiX.embed)))
-  return fn(params, tokens, memory, objects)
-
-
-def score_grounding(records: Sequence[dict[str, Any]], answers: Sequence[str],
-                    apm_boxes: np.ndarray) -> list[dict[str, Any]]:
-  """Per-sample grounding results (see the module docstring)."""
+def read_samples(path: str) -> list[dict[str, Any]]:
+  """The sample lines written so far (a torn last line from an interruption is dropped)."""
+  if not os.path.isfile(path):
+    return []
   rows = []
-  for i, (record, answer) in enumerate(zip(records, answers)):
-    truth, predicted = true_boxes(record), parse_boxes(answer)
-    row = {"id": record["id"], "source": record["source"], "task": record["task"],
-           "answer": answer, "expects_box": bool(len(truth)), "parsed": bool(len(predicted)),
-           "iou": sample_iou(predicted, truth) if len(truth) else None}
-    name = record.get("meta", {}).get("anatomy")
-    if record["task"] == "Anatomy Grounding" and name in anatomy.NAME_TO_INDEX and len(truth):
-      apm_box = apm_boxes[i, anatomy.NAME_TO_INDEX[name]][None]
-      row["apm_iou"] = float(iou_matrix(apm_box, truth[:1])[0, 0])
-    rows.append(row)
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        logging.warning("%s: dropping a torn line (interrupted write); it will be redone", path)
   return rows
 
 
-def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-  """Means over samples: parse rate, IoU (reference: parseable only; strict: unparseable = 0)."""
-  negatives = [r for r in rows if not r["expects_box"]]
-  rows = [r for r in rows if r["expects_box"]]
-  out = {"grounding_samples": float(len(rows))}
-  if negatives:  # e.g. "No pleural effusion detected.": right when no box is produced
-    out["negative_samples"] = float(len(negatives))
-    out["negative_accuracy"] = float(np.mean([not r["parsed"] for r in negatives]))
-  if not rows:
-    return out
-  ious = [r["iou"] for r in rows if r["iou"] is not None]
-  out.update({"parse_rate": float(np.mean([r["parsed"] for r in rows])),
-              "iou": float(np.mean(ious)) if ious else 0.0,
-              "iou_strict": float(np.sum(ious) / len(rows))})
-  apm = [r for r in rows if "apm_iou" in r]
-  if apm:
-    out["anatomy_grounding_iou"] = float(np.mean([r["iou"] or 0.0 for r in apm]))
-    out["apm_anatomy_iou"] = float(np.mean([r["apm_iou"] for r in apm]))
-  for task in sorted({r["task"] for r in rows}):
-    sel = [r for r in rows if r["task"] == task]
-    out[f"parse_rate/{task}"] = float(np.mean([r["parsed"] for r in sel]))
-    out[f"iou_strict/{task}"] = float(np.mean([r["iou"] or 0.0 for r in sel]))
-  return out
+def _sample_key(row: Mapping[str, Any]) -> tuple[str, str]:
+  return row["source"], row["id"]
+
+
+def _write_rows(path: str, rows: Sequence[Mapping[str, Any]], mode: str = "a") -> None:
+  with open(path, mode, encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def generate_samples(trained: inference.Trained, records: Sequence[dict[str, Any]],
+                     path: str, ev: Any) -> int:
+  """Generates answers for ``records`` batch by batch, appending sample lines to ``path``.
+
+  Unreadable images and prompts longer than the largest bucket become failure rows (``answer``
+  None, ``error`` set), scored as failures rather than stopping the evaluation.
+
+  Returns:
+    The number of rows written.
+  """
+  run = trained.run
+  c = run.config
+  ds = data.batches(grain.MapDataset.source(list(records)), image_roots=c.data.image_roots.to_dict(),
+                    image_size=run.apm.image_size, batch_size=ev.batch_size, train=False,
+                    intensity=c.data.intensity, skip_bad=True)
+  written = 0
+  for local in ds:
+    valid = [i for i, v in enumerate(local["valid"]) if v]
+    invalid = [i for i, (v, r) in enumerate(zip(local["valid"], local["records"]))
+               if not v and r["id"] != "__padding__"]
+    rows = [_failure(local["records"][i], "unreadable image") for i in invalid]
+    if valid:
+      keep = np.asarray(valid)
+      records_ok = [local["records"][i] for i in valid]
+      features, examples, answers = trained.answer(local["image"][keep], records_ok,
+                                                   ev.max_new_tokens)
+      for j, (record, example, answer) in enumerate(zip(records_ok, examples, answers)):
+        row = {"id": record["id"], "source": record["source"], "task": record["task"],
+               "instruction": example.instruction, "reference": example.response,
+               "answer": answer, "apm_boxes": np.round(features["boxes"][j], 1).tolist()}
+        if answer is None:
+          row["error"] = "prompt longer than the largest length bucket"
+        if record.get("meta"):
+          row["meta"] = record["meta"]
+        rows.append(row)
+    if jax.process_index() == 0 and rows:
+      _write_rows(path, rows)
+    written += len(rows)
+    logging.info("eval: %d / %d samples", written, len(records))
+  return written
+
+
+def _failure(record: Mapping[str, Any], reason: str) -> dict[str, Any]:
+  return {"id": record["id"], "source": record["source"], "task": record["task"],
+          "instruction": record["instructions"][0], "reference": record["responses"][0],
+          "answer": None, "error": reason}
+
+
+def evaluate(config: Any, workdir: str) -> dict[str, Any]:
+  """Runs the evaluation described in the module docstring; returns the per-task summary."""
+  ev = config.evaluate
+  if ev.predictions:
+    rows = read_samples(ev.predictions)
+    if not rows:
+      raise FileNotFoundError(f"evaluate.predictions: {ev.predictions} has no samples")
+    out_dir = ev.output_dir or os.path.splitext(ev.predictions)[0] + "_scored"
+    name = os.path.basename(ev.predictions)
+  else:
+    if jax.process_count() > 1:
+      raise NotImplementedError("--mode=eval runs as one process (all its local devices); start it "
+                                "on one host")
+    trained = inference.load(config, workdir, step=ev.checkpoint,
+                             overrides={"data.dir": ev.data_dir,
+                                        "data.image_roots.default": ev.image_root})
+    out_dir = ev.output_dir or os.path.join(workdir, "eval", f"{ev.split}_step{trained.step}")
+    name = f"{os.path.basename(os.path.normpath(workdir))} step {trained.step}"
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, SAMPLES)
+    previous = read_samples(path)
+    if previous:  # rewritten without a torn last line, so appended lines start on a fresh line
+      _write_rows(path + ".tmp", previous, mode="w")
+      os.replace(path + ".tmp", path)
+    done = {_sample_key(r) for r in previous}
+    records = select_records(trained.run.config.data.dir, ev.split, ev.sources.to_dict(),
+                             tuple(ev.tasks), ev.max_per_task, ev.seed)
+    todo = [r for r in records if _sample_key(r) not in done]
+    logging.info("eval: %d records (%d already in %s)", len(records), len(records) - len(todo),
+                 path)
+    if todo:
+      generate_samples(trained, todo, path, ev)
+    wanted = {_sample_key(r) for r in records}
+    rows = [r for r in read_samples(path) if _sample_key(r) in wanted]
+  scorer = scoring.Scorer(ev.metrics, box_format=ev.box_format)
+  rows = scorer.score(rows)
+  results = scorer.summarize(rows)
+  results["name"] = name
+  os.makedirs(out_dir, exist_ok=True)
+  _write_rows(os.path.join(out_dir, "scored_" + SAMPLES), rows, mode="w")
+  with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=1)
+  markdown = tables.markdown(results)
+  with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
+    f.write(markdown)
+  logging.info("eval results in %s:\n%s", out_dir, markdown)
+  return {"out_dir": out_dir, **{k: v for k, v in results.get("table1", {}).items()
+                                 if isinstance(v, float)}}

@@ -21,7 +21,7 @@ from absl import logging
 from safetensors.numpy import save_file
 
 from anatomix_jax.convert import hf_gemma3
-from anatomix_jax.stage2 import loop
+from anatomix_jax.stage2 import task as loop
 
 # our head → the reference's module name (src/models/LM.py: MultiModalProjectionhead.proj)
 HEAD_NAMES = {"image_projection": "image_projectionhead", "object_projection": "obj_projectionhead"}

@@ -18,7 +18,8 @@ import numpy as np
 
 from anatomix_jax.instruct import schema
 from anatomix_jax.rag import database, retrieval
-from anatomix_jax.train import checkpointing, loop
+from anatomix_jax.core import checkpointing
+from anatomix_jax.stage1 import task as loop
 
 
 def cxcywh_to_xyxy_canvas(boxes: np.ndarray, canvas: int = schema.CANVAS) -> np.ndarray:

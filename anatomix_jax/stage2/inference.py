@@ -18,8 +18,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from anatomix_jax.stage2 import evaluate, loop, prompt
-from anatomix_jax.train import checkpointing
+from anatomix_jax.stage2 import grounding as evaluate, task as loop, prompt
+from anatomix_jax.core import checkpointing
 
 
 def training_config(workdir: str, step: int | None = None

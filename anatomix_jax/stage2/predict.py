@@ -32,7 +32,7 @@ from anatomix_jax.data import images
 from anatomix_jax.evaluation import boxes as box_formats
 from anatomix_jax.instruct import mimic, mscxr, schema
 from anatomix_jax.stage2 import data, inference
-from anatomix_jax.train import overlays
+from anatomix_jax.evaluation import overlays
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 # task → (record task, instruction; "{}" takes predict.query), the training templates' first form.

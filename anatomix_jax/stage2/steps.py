@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from anatomix_jax.models import anatomix, gemma3
 from anatomix_jax.models.lora import LORA_LEAVES
-from anatomix_jax.train import steps as train_steps
+from anatomix_jax.stage1 import steps as train_steps
 
 EMBEDDING_PATH = "lm/embedder/embedding"
 GROUPS: dict[str, Callable[[str], bool]] = {

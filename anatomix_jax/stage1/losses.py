@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from anatomix_jax import contrastive
+from anatomix_jax.stage1 import contrastive
 from anatomix_jax.ops import boxes as box_ops
 
 Array = jax.Array

@@ -24,7 +24,8 @@ from absl import logging
 from anatomix_jax import anatomy
 from anatomix_jax.models import bert
 from anatomix_jax.rag import database, retrieval
-from anatomix_jax.train import loop, sharding as sharding_lib, steps as steps_lib
+from anatomix_jax.stage1 import task as loop, steps as steps_lib
+from anatomix_jax.core import sharding as sharding_lib
 
 
 def _projector(run: loop.Stage1, params: Any):

@@ -25,10 +25,10 @@ from absl import logging
 
 from anatomix_jax.convert import hf_gemma3
 from anatomix_jax.models import anatomix, lora as lora_lib
-from anatomix_jax.stage2 import (batching, data, demo_data, demo_lm, evaluate, frozen_apm, prompt,
-                                 steps, tokenizer)
-from anatomix_jax.train import checkpointing, sharding as sharding_lib
-from anatomix_jax.train.writers import MetricWriter
+from anatomix_jax.stage2 import (batching, data, grounding as evaluate, frozen_apm, prompt, steps, tokenizer)
+from anatomix_jax.stage2.demo import data as demo_data, lm as demo_lm
+from anatomix_jax.core import checkpointing, sharding as sharding_lib
+from anatomix_jax.core.writers import MetricWriter
 
 BASE_DIR = "base_lm"  # where a demo run keeps the tiny base LM it made (HF format)
 _TIMERS = ("apm_s", "host_s", "lm_s")

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from anatomix_jax import losses
-from anatomix_jax.train.state import TrainState, param_groups
+from anatomix_jax.stage1 import losses
+from anatomix_jax.core.state import TrainState, param_groups
 
 
 def _apply(model: nn.Module, params: Any, consts: Any, batch: dict, **kwargs) -> dict:

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from anatomix_jax.scale import flops as flops_lib, hardware
-from anatomix_jax.train import sharding as sharding_lib
+from anatomix_jax.aot import flops as flops_lib, hardware
+from anatomix_jax.core import sharding as sharding_lib
 
 PAPER_PATCHES, PAPER_IMAGE_DIM, PAPER_OBJECT_DIM = 1024, 256, 16  # the APM at 1024² (stride 32)
 
@@ -97,7 +97,8 @@ def stage1_program(config: Any, mesh: Mesh) -> Program:
   """
   # pylint: disable=import-outside-toplevel
   from anatomix_jax.models import apm
-  from anatomix_jax.train import state as state_lib, steps as steps_lib
+  from anatomix_jax.core import state as state_lib
+  from anatomix_jax.stage1 import steps as steps_lib
 
   rules = tuple(tuple(r) for r in config.sharding_rules)
   batch = config.train.batch_size

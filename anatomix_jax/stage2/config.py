@@ -3,7 +3,7 @@
 
 import ml_collections
 
-from anatomix_jax import config_lib
+from anatomix_jax.core import config as config_lib
 from anatomix_jax.models import lora
 from anatomix_jax.stage2 import prompt
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from anatomix_jax.train import sharding as sharding_lib
+from anatomix_jax.core import sharding as sharding_lib
 
 
 @flax.struct.dataclass

@@ -22,11 +22,15 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from anatomix_jax import anatomy
-from anatomix_jax.data import pipeline, sentences, stage1_data, text_embeddings
+from anatomix_jax.stage1 import (data as pipeline, records_dir as stage1_data, text as text_embeddings)
+from anatomix_jax.data import sentences
 from anatomix_jax.models import apm
-from anatomix_jax.train import checkpointing, metrics as metrics_lib, overlays
-from anatomix_jax.train import sharding as sharding_lib, state as state_lib, steps as steps_lib
-from anatomix_jax.train.writers import MetricWriter
+from anatomix_jax.core import checkpointing
+from anatomix_jax.stage1 import metrics as metrics_lib
+from anatomix_jax.evaluation import overlays
+from anatomix_jax.core import sharding as sharding_lib, state as state_lib
+from anatomix_jax.stage1 import steps as steps_lib
+from anatomix_jax.core.writers import MetricWriter
 
 
 class Stage1:
