@@ -86,43 +86,44 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
 
-  from anatomix_jax.stage1 import task as loop  # pylint: disable=import-outside-toplevel
-
   config = _CONFIG.value
-  if config.stage not in ("stage1", "stage2"):
-    raise app.UsageError(f"config stage {config.stage!r} is not runnable by this build")
-  if config.stage == "stage2":
-    # pylint: disable=import-outside-toplevel
-    # The config file decides what kind of stage-2 run this is; the mode must agree with it.
-    needs = {"eval": ("evaluate", "configs/eval.py"), "predict": ("predict", "configs/predict.py"),
-             "train": ("step", "configs/stage2_{align,finetune}.py"),
-             "export": ("step", "configs/stage2_{align,finetune}.py")}
-    if _MODE.value not in needs:
-      raise app.UsageError(f"--mode={_MODE.value} is not available for stage 2 ({sorted(needs)})")
-    field, config_file = needs[_MODE.value]
-    if field not in config:
-      raise app.UsageError(f"--mode={_MODE.value} for stage 2 takes {config_file}")
-    if _MODE.value == "eval":
-      from anatomix_jax.stage2 import evaluate as runner  # the metric packages load only here
-      result = runner.evaluate(config, _WORKDIR.value)
-    elif _MODE.value == "predict":
-      from anatomix_jax.stage2 import predict
-      result = predict.predict(config, _WORKDIR.value)
-    else:
-      from anatomix_jax.stage2 import export as stage2_export, task as stage2_loop
-      mode = stage2_loop.train if _MODE.value == "train" else stage2_export.export
-      result = mode(config, _WORKDIR.value)
-  elif _MODE.value == "train":
-    result = loop.train_and_evaluate(config, _WORKDIR.value)
-  elif _MODE.value == "eval":
-    result = loop.evaluate_checkpoint(config, _WORKDIR.value)
-  elif _MODE.value == "predict":
-    raise app.UsageError("--mode=predict takes a stage-2 model: configs/predict.py")
-  else:
-    from anatomix_jax.stage1 import rag as build  # pylint: disable=import-outside-toplevel
-    result = build.build_and_evaluate(config, _WORKDIR.value)
+  runner = _runner(config, _MODE.value)
+  result = runner(config, _WORKDIR.value)
   if jax.process_index() == 0 and result:
     logging.info("done: %s", {k: v for k, v in result.items() if "/" not in k})
+
+
+# (stage, mode) → (module, function, the config kind it needs). Modules import on demand, so a
+# mode loads only its own dependencies (the metric packages load only for eval).
+_STAGE2_TRAIN = ("phase", "configs/stage2_{align,finetune}.py")
+RUNNERS = {
+    ("stage1", "train"): ("anatomix_jax.stage1.task", "train_and_evaluate", None),
+    ("stage1", "eval"): ("anatomix_jax.stage1.task", "evaluate_checkpoint", None),
+    ("stage1", "build_rag"): ("anatomix_jax.stage1.rag", "build_and_evaluate", None),
+    ("stage2", "train"): ("anatomix_jax.stage2.task", "train", _STAGE2_TRAIN),
+    ("stage2", "export"): ("anatomix_jax.stage2.export", "export", _STAGE2_TRAIN),
+    ("stage2", "eval"): ("anatomix_jax.stage2.evaluate", "evaluate",
+                         ("evaluate", "configs/eval.py")),
+    ("stage2", "predict"): ("anatomix_jax.stage2.predict", "predict",
+                            ("predict", "configs/predict.py")),
+}
+
+
+def _runner(config, mode: str):
+  """The function that runs ``mode`` for the config's stage; usage errors name what fits."""
+  import importlib  # pylint: disable=import-outside-toplevel
+
+  stage = config.get("stage")
+  if stage not in ("stage1", "stage2"):
+    raise app.UsageError(f"config stage {stage!r} is not runnable by this build")
+  if (stage, mode) not in RUNNERS:
+    modes = sorted(m for s, m in RUNNERS if s == stage)
+    hint = " (--mode=predict takes a stage-2 model: configs/predict.py)" if mode == "predict" else ""
+    raise app.UsageError(f"--mode={mode} is not available for {stage} ({modes}){hint}")
+  module, function, needs = RUNNERS[(stage, mode)]
+  if needs is not None and needs[0] not in config:
+    raise app.UsageError(f"--mode={mode} for {stage} takes {needs[1]}")
+  return getattr(importlib.import_module(module), function)
 
 
 def _compile_check() -> None:
@@ -130,7 +131,7 @@ def _compile_check() -> None:
   if not _TOPOLOGY.value:
     raise app.UsageError("--mode=compile_check needs --topology (e.g. v5e:2x4)")
   config = _CONFIG.value
-  if config.stage == "stage2" and "step" not in config:
+  if config.stage == "stage2" and "phase" not in config:
     raise app.UsageError("--mode=compile_check for stage 2 takes configs/stage2_{align,finetune}.py")
   import json  # pylint: disable=import-outside-toplevel
   from anatomix_jax.aot import compile_check  # pylint: disable=import-outside-toplevel

@@ -84,7 +84,7 @@ def bench(name: str, repeats: int) -> dict:
   tx = steps.make_optimizer(OPTIM, 1000)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     params = anatomix.init_params(config, jax.random.key(1))
-    trainable, frozen = steps.split(params, steps.STEP_GROUPS["finetune"])
+    trainable, frozen = steps.split(params, steps.PHASE_GROUPS["finetune"])
     state = steps.init_state(trainable, tx)
     step = jax.jit(steps.make_train_step(anatomix.AnatomiX(config), tx), donate_argnums=0)
     images = jnp.asarray(host["images"])

@@ -29,7 +29,15 @@ def get_config(arg=None):
       batch_size=8,                    # generation batch (this host)
       max_new_tokens=350,              # the reference's benchmark setting
       data_dir="", image_root="",      # override the training run's data location
+      # Test-time ablations (empty: as the run was trained). context: full | skip | only_emb |
+      # names (stage2.prompt); image_tokens: patches | cls. The results are labelled with them
+      # and the run's phase (align = step 1 only, finetune = both steps).
+      context="", image_tokens="",
       output_dir="",                   # default {workdir}/eval/{split}_step{N}
+      # The left/right flip test (stage2.flip): also answer every record on its image mirrored
+      # (boxes x → 1024 − x, left/right words and sided anatomies swapped); results.json/.md
+      # compare each task's metrics, the APM's box IoU and the side accuracy (original vs mirrored).
+      flip=False,
       # Score another system's answers instead of generating: a JSONL with id, source, task,
       # reference, answer; box_format says how those answers write boxes.
       predictions="",

@@ -71,6 +71,17 @@ def get_config(arg=None):
       dir="",                  # empty: {workdir}/rag
       splits=("train",),       # whose sentences enter the database (the reference: all three)
       eval_split="validate",   # retrieval metrics (R@1/3/5, MRR) after building
+      # Retrieval score cos(a, t_s)/τ + w·log p(s | anatomy) (rag/retrieval.py), p from the
+      # database splits' sentence counts, τ = loss.contrastive_temperature. w: a number ≥ 0 (0: the
+      # reference's pure cosine), or "auto": chosen on the train images (never eval_split) as the
+      # w with the best balanced R@1 (the mean of R@1 on pairs whose true sentence is the
+      # anatomy's most frequent one and on the others) among those keeping ≥ prior_keep of the
+      # best train R@1 gain over always retrieving that most frequent sentence (1: the R@1-best w,
+      # which on the demo retrieves "X is healthy." nearly everywhere). Recorded in the database;
+      # stage 2 retrieves with the same score.
+      prior_weight="auto",
+      prior_keep=0.5,
+      prior_fit_images=10000,  # train images the "auto" weight is chosen on (0: all)
   ))
 
   # --- optimisation (REFERENCE.md §2) ---------------------------------------------------------
@@ -86,16 +97,9 @@ def get_config(arg=None):
   ))
 
   # --- loop -----------------------------------------------------------------------------------
-  c.train = ml_collections.ConfigDict(dict(
-      batch_size=48,           # global
-      epochs=45,
-      num_steps=-1,            # -1: epochs × train examples / batch_size
-      log_every=50,
-      eval_every=-1,           # steps; -1: once per epoch
-      checkpoint_every=-1,     # steps; -1: with every eval
-      keep_checkpoints=3,
-      best_metric="mean_iou",  # the kept best checkpoint maximises this val metric
-  ))
+  # eval_every -1: once per epoch; checkpoint_every -1: with every eval (core.config.train_config)
+  c.train = config_lib.train_config(batch_size=48, epochs=45, best_metric="mean_iou",
+                                    best_mode="max")
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=48, num_overlays=4,
       checkpoint="latest",     # --mode=eval scores the "latest" or the "best" checkpoint

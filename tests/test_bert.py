@@ -19,7 +19,8 @@ import transformers
 
 from anatomix_jax.core.config import DEFAULT_RULES
 from anatomix_jax.convert import hf_bert, tensors
-from anatomix_jax.models.bert import BertConfig, BertModel, TextProjection, mean_pool
+from anatomix_jax.models.bert import (
+    BertConfig, BertModel, TextProjection, encode_sentences, mean_pool, tokenize_batch)
 
 # Prime-ish sizes so that a transposed or mis-split tensor cannot pass by symmetry.
 TINY = dict(vocab_size=97, hidden_size=21, num_hidden_layers=2, num_attention_heads=3,
@@ -184,12 +185,12 @@ def test_encode_sentences_tiny(tiny, loaded):
   # Words outside the vocabulary split into letters: the last sentence has 37 tokens.
   sentences = ["the lung is clear", "No effusion.",
                "the heart is enlarged with bilateral lower lobe edema"]
-  short = hf_bert.tokenize_batch(tokenizer, sentences[:2], config, rows=4)
+  short = tokenize_batch(tokenizer, sentences[:2], config, rows=4)
   assert short["input_ids"].shape == (4, 16)  # 7 tokens, padded to a multiple of 16
   assert not short["attention_mask"][2:].any()
-  long = hf_bert.tokenize_batch(tokenizer, sentences, config)
+  long = tokenize_batch(tokenizer, sentences, config)
   assert long["input_ids"].shape == (3, 31)  # truncated to max_position_embeddings
-  ours = hf_bert.encode_sentences(config, params, tokenizer, sentences, batch_size=2)
+  ours = encode_sentences(config, params, tokenizer, sentences, batch_size=2)
   enc = tokenizer(sentences, padding=True, truncation=True, max_length=31, return_tensors="np")
   assert enc["attention_mask"].sum(1).tolist() == [6, 5, 31]
   ref = _masked_mean(_torch_hidden(torch_model, enc["input_ids"], enc["attention_mask"]),
@@ -205,7 +206,7 @@ def test_packaged_minilm_matches_transformers():
   config, params = hf_bert.load_bert(path)
   tokenizer = hf_bert.load_tokenizer(path, config)
   assert (config.hidden_size, config.num_hidden_layers, len(tokenizer)) == (384, 6, 30522)
-  ours = hf_bert.encode_sentences(config, params, tokenizer, RADIOLOGY, batch_size=8)
+  ours = encode_sentences(config, params, tokenizer, RADIOLOGY, batch_size=8)
   enc = tokenizer(RADIOLOGY, padding=True, return_tensors="np")
   torch_model = transformers.BertModel.from_pretrained(path, local_files_only=True).eval()
   ref = _masked_mean(_torch_hidden(torch_model, enc["input_ids"], enc["attention_mask"],
@@ -333,4 +334,4 @@ def test_empty_sentence(loaded, tiny, sentences, index):
   config, params = loaded
   tokenizer = hf_bert.load_tokenizer(tiny[0], config)
   with pytest.raises(ValueError, match=rf"sentences\[{index}\] is empty"):
-    hf_bert.encode_sentences(config, params, tokenizer, sentences)
+    encode_sentences(config, params, tokenizer, sentences)

@@ -8,6 +8,7 @@ from nltk.translate import meteor_score as nltk_meteor
 from rouge_score import rouge_scorer
 
 from anatomix_jax.evaluation import boxes, grounding, text
+from anatomix_jax.ops import boxes as box_ops
 
 
 # --- box formats -----------------------------------------------------------------------------------
@@ -70,7 +71,7 @@ A = [0, 0, 10, 10]
 
 def test_iou_matrix():
   # overlap: [0,0,10,10] ∩ [5,0,15,10] = 50; union 150 → 1/3; disjoint → 0; reversed box → 0
-  got = grounding.iou_matrix([A], [[5, 0, 15, 10], [20, 20, 30, 30], [10, 10, 0, 0]])
+  got = box_ops.iou_matrix([A], [[5, 0, 15, 10], [20, 20, 30, 30], [10, 10, 0, 0]])
   np.testing.assert_allclose(got, [[1 / 3, 0, 0]])
 
 

@@ -16,6 +16,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from anatomix_jax.aot.memory import estimate_memory
 from anatomix_jax.core import config as config_lib
 from anatomix_jax.convert import hf_gemma3
 from anatomix_jax.models import gemma3
@@ -300,11 +301,11 @@ def test_medgemma_4b_param_count_and_memory():
           for n in spec if n is not None}
   assert used <= {name for name, _ in config_lib.DEFAULT_RULES}
   assert {"vocab", "embed", "heads", "kv_heads", "kv", "mlp"} <= used
-  one = gemma3.estimate_memory(config, {"data": 1, "fsdp": 1, "tensor": 1}, 8, 512)
-  fsdp = gemma3.estimate_memory(config, {"data": 1, "fsdp": 8, "tensor": 1}, 8, 512)
+  one = estimate_memory(config, {"data": 1, "fsdp": 1, "tensor": 1}, 8, 512)
+  fsdp = estimate_memory(config, {"data": 1, "fsdp": 8, "tensor": 1}, 8, 512)
   assert one["params"] == expected * 4 and one["optimizer"] == 2 * expected * 4
   assert expected * 4 / 8 <= fsdp["params"] < expected * 4 / 8 * 1.001  # 4·2560 rows divide
-  remat = gemma3.estimate_memory(config, {"data": 1, "fsdp": 8, "tensor": 1}, 8, 512, remat=True)
+  remat = estimate_memory(config, {"data": 1, "fsdp": 8, "tensor": 1}, 8, 512, remat=True)
   assert remat["activations"] < fsdp["activations"]
   assert fsdp["total"] == sum(v for k, v in fsdp.items() if k != "total")
 

@@ -241,14 +241,3 @@ def test_invalid_augment_config_fails_early(records_dir):
     _dataset(records_dir, train=True, augment={"enabled": True, "scale_min": 1.2})
 
 
-def test_global_batch_size_check():
-  assert pipeline.global_batch_size_check(48, 2, 8) == 24
-  assert pipeline.global_batch_size_check(6, 1) == 6
-  with pytest.raises(ValueError, match="not divisible by the 4 processes"):
-    pipeline.global_batch_size_check(6, 4)
-  with pytest.raises(ValueError, match="data-parallel size 8"):
-    pipeline.global_batch_size_check(12, 2, 8)
-  with pytest.raises(ValueError, match="not a multiple of the 4 processes"):
-    pipeline.global_batch_size_check(8, 4, 2)
-  with pytest.raises(ValueError, match="positive"):
-    pipeline.global_batch_size_check(0, 1)

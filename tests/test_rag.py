@@ -15,6 +15,7 @@ import safetensors.numpy
 
 from anatomix_jax import anatomy
 from anatomix_jax.convert import hf_bert
+from anatomix_jax.models import bert
 from anatomix_jax.stage1 import data as pipeline
 from anatomix_jax.data import records
 from anatomix_jax.data import sentences as sentences_lib
@@ -389,6 +390,45 @@ def test_sentence_index_build(records_dir):
   assert index.majority["validate"][7] == min(ids["A7 is healthy."], ids["Only in validate."])
   assert all(index.majority[split][a] == ids[f"A{a} is healthy."] for split in COUNTS
              for a in range(8, A))
+  # Records per sentence, aligned with by_split.
+  counts = {split: [dict(zip(index.by_split[split][a], index.counts[split][a])) for a in range(A)]
+            for split in COUNTS}
+  assert counts["train"][0] == {ids["A0 is healthy."]: 1, ids["A0 shows x."]: 2}
+  assert counts["train"][5] == {ids["A5 is healthy."]: 2, ids["Shared finding."]: 1}
+  assert counts["train"][9] == {ids["A9 is healthy."]: 3}
+  assert counts["validate"][7] == {ids["A7 is healthy."]: 1, ids["Only in validate."]: 1}
+  assert counts["validate"][5] == {ids["Shared finding."]: 1, ids["A5 is healthy."]: 1}
+
+
+def test_sentence_index_with_counts(records_dir):
+  """An index file written before counts were kept still loads (counts {}); with_counts rescans
+  the records in memory and leaves the file alone."""
+  path = os.path.join(records_dir, sentences_lib.INDEX_FILE)
+  full = sentences_lib.build(records_dir)
+  sentences_lib.save(full, path)
+  with open(path) as f:
+    obj = json.load(f)
+  del obj["counts"]
+  with open(path, "w") as f:
+    json.dump(obj, f)
+  before = os.path.getmtime(path)
+  old = sentences_lib.load_or_build(records_dir)
+  assert old.counts == {} and old.by_split == full.by_split
+  assert sentences_lib.with_counts(old, records_dir) == full
+  assert sentences_lib.with_counts(full, records_dir) is full
+  assert os.path.getmtime(path) == before
+  with open(path) as f:
+    assert "counts" not in json.load(f)
+  # Round trip with counts; malformed counts name the file.
+  sentences_lib.save(full, path)
+  assert sentences_lib.load(path) == full
+  with open(path) as f:
+    obj = json.load(f)
+  obj["counts"]["train"][0] = obj["counts"]["train"][0][:-1]
+  with open(path, "w") as f:
+    json.dump(obj, f)
+  with pytest.raises(records.RecordError, match="sentences.json.*counts"):
+    sentences_lib.load(path)
 
 
 def test_sentence_index_load_or_build_caches(records_dir, monkeypatch):
@@ -510,16 +550,16 @@ def test_pooled_embeddings_and_cache(encoder_dir, tmp_path, monkeypatch):
   files = os.listdir(cache)
   assert len(files) == 1 and files[0].startswith("pooled-") and files[0].endswith(".safetensors")
 
-  real_encode = hf_bert.encode_sentences
+  real_encode = bert.encode_sentences
 
   def boom(*args, **kw):
     raise AssertionError("encoded again instead of reading the cache")
 
-  monkeypatch.setattr(hf_bert, "encode_sentences", boom)
+  monkeypatch.setattr(bert, "encode_sentences", boom)
   np.testing.assert_array_equal(text_embeddings.pooled_embeddings(encoder_dir, TEXT, cache), got)
   assert os.listdir(cache) == files
 
-  monkeypatch.setattr(hf_bert, "encode_sentences", real_encode)
+  monkeypatch.setattr(bert, "encode_sentences", real_encode)
   other = TEXT[:2] + ["Left lung shows opacity."]
   got2 = text_embeddings.pooled_embeddings(encoder_dir, other, cache)
   assert len(os.listdir(cache)) == 2

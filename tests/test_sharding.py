@@ -24,11 +24,11 @@ def test_mesh_errors(shape, match):
     sharding.make_mesh(config_lib.mesh_config(shape))
 
 
-def test_fit_to_shape_replicates_undivided_dims():
+def test_fitting_to_shape_replicates_undivided_dims():
   mesh = sharding.make_mesh(config_lib.mesh_config((2, 2, 2)))
-  assert sharding._fit_to_shape(P("fsdp", "tensor"), (6, 7), mesh) == P("fsdp", None)
-  assert sharding._fit_to_shape(P(("data", "fsdp")), (4, 3), mesh) == P(("data", "fsdp"), None)
-  assert sharding._fit_to_shape(P(("data", "fsdp")), (6,), mesh) == P("data")
+  assert sharding.fit_to_shape(P("fsdp", "tensor"), (6, 7), mesh) == P("fsdp", None)
+  assert sharding.fit_to_shape(P(("data", "fsdp")), (4, 3), mesh) == P(("data", "fsdp"), None)
+  assert sharding.fit_to_shape(P(("data", "fsdp")), (6,), mesh) == P("data")
 
 
 def test_check_global_batch():
@@ -60,3 +60,16 @@ def test_parse_arg():
   with pytest.raises(ValueError, match="needs a value"):
     config_lib.parse_arg("steps", steps=3)
   assert isinstance(config_lib.parse_arg(None, demo=False), ml_collections.ConfigDict)
+
+
+def test_host_batch_size():
+  assert sharding.host_batch_size(48, 2, 8) == 24
+  assert sharding.host_batch_size(6, 1) == 6
+  with pytest.raises(ValueError, match="not divisible by the 4 processes"):
+    sharding.host_batch_size(6, 4)
+  with pytest.raises(ValueError, match="data-parallel size 8"):
+    sharding.host_batch_size(12, 2, 8)
+  with pytest.raises(ValueError, match="not a multiple of the 4 processes"):
+    sharding.host_batch_size(8, 4, 2)
+  with pytest.raises(ValueError, match="positive"):
+    sharding.host_batch_size(0, 1)

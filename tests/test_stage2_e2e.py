@@ -5,6 +5,7 @@ resume, then the finetune demo from the align checkpoint with grounding evaluati
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,6 +131,18 @@ def test_preempted_align_resumes_exactly(stage1, align, tmp_path):
   a, b = _state(straight, STEPS), _state(preempted, STEPS)
   for k in a:
     np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_resuming_with_another_model_fails_clearly(stage1, align):
+  workdir, _ = align
+  proc = subprocess.run(_stage2("align", workdir, stage1, **{"lm.projection_hidden": 12,
+                                                              "train.num_steps": STEPS + 2}),
+                        cwd=tiny.REPO, capture_output=True, text=True, timeout=600, env=ENV)
+  assert proc.returncode != 0
+  assert "holds checkpoints of a different model: projection_hidden: saved 8, this run 12" in (
+      proc.stderr), proc.stderr[-3000:]
+  assert max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+             if d.isdigit()) == STEPS  # nothing trained or saved
 
 
 def test_finetune_demo_starts_from_align_and_evaluates_grounding(stage1, align, tmp_path):
@@ -285,3 +298,37 @@ def test_predict_on_png_16bit_png_and_dicom(finetuned, tmp_path):
   for name in ("a_8bit", "c_mono2", "d_mono1"):
     assert results[name]["anatomy"] == results["b_16bit"]["anatomy"]
     assert results[name]["answer"] == results["b_16bit"]["answer"]
+
+
+def test_eval_and_predict_need_only_the_stage1_checkpoint_and_rag(stage1, finetuned, tmp_path):
+  """The stage-1 workdir's data/ and text_cache/ are moved away: eval (pointed at the moved
+  instruction data) and predict read only its checkpoints/ and rag/."""
+  from anatomix_jax.stage2 import inference  # noqa: PLC0415
+  workdir, _ = finetuned
+  moved = {name: tmp_path / name for name in ("data", "text_cache")}
+  for name, target in moved.items():
+    shutil.move(os.path.join(stage1, name), target)
+  try:
+    assert {"checkpoints", "rag"} <= set(os.listdir(stage1))
+    assert not {"data", "text_cache"} & set(os.listdir(stage1))
+    trained, _ = inference.training_config(workdir)
+    old_root = os.path.join(stage1, "data")
+    image_root = trained.data.image_roots.default.replace(old_root, str(moved["data"]))
+    out = tmp_path / "eval"
+    _run(_main("configs/eval.py:demo", workdir, "--mode=eval",
+               "--config.evaluate.max_per_task=1", "--config.evaluate.max_new_tokens=4",
+               "--config.evaluate.metrics.semantic_matching=exact",
+               f"--config.evaluate.data_dir={moved['data'] / demo_data.DIR_NAME}",
+               f"--config.evaluate.image_root={image_root}", f"--config.evaluate.output_dir={out}"))
+    results = json.load(open(out / "results.json"))
+    assert results["groups"]["Anatomy Grounding | all"]["samples"] == 1
+    image = next(os.path.join(d, f) for d, _, files in sorted(os.walk(moved["data"]))
+                 for f in sorted(files) if f.endswith(".jpg"))
+    predictions = tmp_path / "predictions"
+    _run(_main("configs/predict.py", workdir, "--mode=predict", f"--config.predict.inputs={image}",
+               f"--config.predict.output_dir={predictions}", "--config.predict.max_new_tokens=4"))
+    assert json.load(open(predictions / "summary.json"))["images"] == 1
+    assert not {"data", "text_cache"} & set(os.listdir(stage1))  # nothing re-created them
+  finally:
+    for name, target in moved.items():
+      shutil.move(target, os.path.join(stage1, name))

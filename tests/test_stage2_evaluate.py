@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from anatomix_jax.evaluation.grounding import reference_iou
+from anatomix_jax.ops import boxes as box_ops
 from anatomix_jax.stage2 import grounding as evaluate
 
 
@@ -13,9 +15,9 @@ def test_parse_boxes_and_iou_by_hand():
   assert evaluate.parse_boxes("no box here").shape == (0, 4)
   truth = np.array([[0, 0, 10, 10]], np.float32)
   # box 1: identical (1.0); box 2: overlap 25 / union 175.
-  assert evaluate.sample_iou(evaluate.parse_boxes(text), truth) == pytest.approx((1 + 25 / 175) / 2)
-  assert evaluate.sample_iou(np.zeros((0, 4)), truth) is None
-  assert evaluate.iou_matrix(np.array([[0, 0, 0, 5.0]]), truth)[0, 0] == 0.0  # degenerate
+  assert reference_iou(evaluate.parse_boxes(text), truth) == pytest.approx((1 + 25 / 175) / 2)
+  assert reference_iou(np.zeros((0, 4)), truth) is None
+  assert box_ops.iou_matrix(np.array([[0, 0, 0, 5.0]]), truth)[0, 0] == 0.0  # degenerate
 
 
 def test_summary_separates_negatives_and_strict_iou():

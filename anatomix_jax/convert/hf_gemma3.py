@@ -42,8 +42,8 @@ from anatomix_jax.core.config import DEFAULT_RULES
 from anatomix_jax.convert.tensors import (
     TRANSFORMS, HFRule, Transform, get_path, key_list, read_bf16_tensor, set_path)
 from anatomix_jax.models import lora as lora_lib
-from anatomix_jax.models.gemma3 import (Gemma3Config, abstract_variables, stack_layers,
-                                        unstack_layers)
+from anatomix_jax.models.gemma3 import abstract_variables, stack_layers, unstack_layers
+from anatomix_jax.models.gemma3_config import Gemma3Config
 from anatomix_jax.core.sharding import logical_shardings, unbox
 
 Path = tuple[str, ...]

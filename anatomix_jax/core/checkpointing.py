@@ -30,28 +30,53 @@ class Checkpointer:
   Args:
     directory: where step directories live (created if missing).
     keep: how many of the latest checkpoints to keep.
-    best_metric: metric name (in the metrics passed to :meth:`save`) whose maximum is kept in
-      addition to the latest ones; empty to disable.
+    best_metric: metric name (in the metrics passed to :meth:`save`) whose best value is kept in
+      addition to the latest ones (:meth:`best_step`); empty to disable.
+    best_mode: "max" (higher is better, e.g. IoU) or "min" (e.g. a validation loss).
     async_save: write in a background thread (the step blocks only for the device→host copy).
   """
 
-  def __init__(self, directory: str, keep: int = 3, best_metric: str = "", async_save: bool = True):
+  def __init__(self, directory: str, keep: int = 3, best_metric: str = "", best_mode: str = "max",
+               async_save: bool = True):
+    if best_mode not in ("max", "min"):
+      raise ValueError(f"train.best_mode={best_mode!r}: expected 'max' or 'min'")
     self.directory = os.path.abspath(directory)
     keepers = [policies.LatestN(n=keep)]
+    best_fn = None
     if best_metric:
-      keepers.append(policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=False, n=1,
+      best_fn = lambda m: m[best_metric]  # noqa: E731
+      keepers.append(policies.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=1,
                                     keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policies.AnyPreservationPolicy(keepers),
-        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+        preservation_policy=policies.AnyPreservationPolicy(keepers), best_fn=best_fn,
+        best_mode=best_mode, enable_async_checkpointing=async_save, create=True,
+        cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data", "meta"))
+
+  @classmethod
+  def for_run(cls, workdir: str, train_cfg: Any) -> "Checkpointer":
+    """``{workdir}/checkpoints`` with the run's ``keep_checkpoints``, ``best_metric``, ``best_mode``."""
+    return cls(os.path.join(workdir, "checkpoints"), keep=int(train_cfg.keep_checkpoints),
+               best_metric=train_cfg.get("best_metric", ""),
+               best_mode=train_cfg.get("best_mode", "max"))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def best_step(self) -> int | None:
+    """The step with the best ``best_metric`` (the latest step when no metric is tracked)."""
     return self.manager.best_step()
+
+  def step_for(self, which: str | int) -> int | None:
+    """``"latest"``, ``"best"`` or a step number (< 0: the latest) → an existing step or None."""
+    if which == "best":
+      return self.best_step()
+    if which == "latest" or (isinstance(which, int) and which < 0):
+      return self.latest_step()
+    if isinstance(which, int):
+      return which if which in self.manager.all_steps() else None
+    raise ValueError(f"checkpoint {which!r}: expected 'latest', 'best' or a step number")
 
   def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None,
            meta: dict, metrics: dict | None = None, force: bool = False) -> bool:

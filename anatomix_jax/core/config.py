@@ -70,3 +70,27 @@ DEFAULT_RULES = (
     ("box", None),
     ("vocab", "tensor"),
 )
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+  """The ``train`` section every stage shares (read by ``core.loop``); ``overrides`` set the
+  stage's values (and may add stage-specific fields).
+
+  ``eval_every``: steps, -1 once per epoch; ``checkpoint_every``: steps, -1 with every evaluation
+  (the last step always evaluates and checkpoints); ``best_metric`` (a validation metric, empty:
+  none) with ``best_mode`` "max" or "min" names the best checkpoint kept besides the latest
+  ``keep_checkpoints``.
+  """
+  c = ml_collections.ConfigDict(dict(
+      batch_size=32,           # global
+      epochs=1,
+      num_steps=-1,            # -1: epochs × train examples / batch_size
+      log_every=50,
+      eval_every=-1,
+      checkpoint_every=-1,
+      keep_checkpoints=3,
+      best_metric="",
+      best_mode="max",
+  ))
+  c.update(overrides)
+  return c

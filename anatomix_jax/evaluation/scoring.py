@@ -15,6 +15,7 @@ directory), CheXbert (its checkpoint + a bert-base-uncased config/tokenizer dire
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from absl import logging
 
 from anatomix_jax import anatomy
 from anatomix_jax.evaluation import boxes as box_formats, clinical, grounding, text
+from anatomix_jax.ops import boxes as box_ops
 
 TEXT, CLINICAL, GROUNDING, CLOSED, OPEN, CLASSIFICATION = (
     "text", "clinical", "grounding", "vqa_closed", "vqa_open", "classification")
@@ -43,6 +45,76 @@ TASK_METRICS = {
 TABLE1_TEXT = (("BERTScore", "bertscore_f1"), ("ROUGE", "rouge1"), ("METEOR", "meteor"),
                ("RadGraph-F1", "radgraph_f1"), ("CheXbert-14-F1", "chexbert-all_weighted_f1"))
 TABLE1_BOXES = (("Phrase Grounding", "PG"), ("Anatomy Grounding", "AG"))
+# The left/right flip test (``evaluate.flip``): each task's main metrics, original vs mirrored
+# (those a group lacks, e.g. BERTScore without weights, are left out), then for every task the APM's
+# anatomy-box IoU (anatomy-grounding samples) and the side accuracy.
+_TEXT_MAIN = ("rouge1", "bertscore_f1", "radgraph_f1", "chexbert-all_weighted_f1")
+FLIP_METRICS = {
+    "Report Generation": _TEXT_MAIN,
+    "Grounded Captioning": _TEXT_MAIN + ("grounding_iou",),
+    "Grounded Diagnosis": _TEXT_MAIN + ("grounding_iou",),
+    "RQA": _TEXT_MAIN,
+    "Open-Ended VQA": ("vqa_open_recall", "vqa_open_f1"),
+    "Close-Ended VQA": ("vqa_closed_accuracy",),
+    "Image Classification": ("classification_exact",),
+    "Phrase Grounding": ("grounding_iou", "grounding_map"),
+    "Anatomy Grounding": ("grounding_iou", "grounding_map"),
+    "Abnormality Detection": ("grounding_iou", "grounding_map"),
+}
+FLIP_EVERY_TASK = ("apm_anatomy_iou", "apm_anatomy_iou_unswapped", "side_accuracy")
+_SIDE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def sides(text: str | None) -> frozenset[str]:
+  """The sides a text names: ``{"left", "right"}`` ∩ its whole words, case-insensitive."""
+  return frozenset(m.lower() for m in _SIDE.findall(text or ""))
+
+
+def side_correct(instruction: str | None, reference: str | None, answer: str | None
+                 ) -> float | None:
+  """Whether an answer names the reference's side (1.0 / 0.0), or None where it does not apply.
+
+  A sample counts when its reference names exactly one side, its instruction names none (so the
+  side has to come from the image, not be copied from the question), and its answer names at
+  least one side; the answer is right when the only side it names is the reference's ("left and
+  right" is wrong). On a mirrored sample the reference is the mirrored one ("left" ↔ "right").
+  """
+  truth, said = sides(reference), sides(answer)
+  if len(truth) != 1 or sides(instruction) or not said:
+    return None
+  return float(said == truth)
+
+
+def _first_box(text: str | None) -> np.ndarray | None:
+  found = box_formats.parse(text or "", "anatomix").boxes
+  return np.asarray(found[:1], np.float64) if len(found) else None
+
+
+def apm_ious(row: Mapping[str, Any]) -> dict[str, float]:
+  """The frozen APM's anatomy-box IoU of an anatomy-grounding sample (``apm_boxes`` and
+  ``meta.anatomy_index`` or ``meta.anatomy``): ``apm_anatomy_iou``, its box for the asked anatomy
+  vs the reference's box; on a mirrored sample also ``apm_anatomy_iou_unswapped``, its box for the
+  ORIGINAL anatomy (``meta.mirror_of_anatomy_index``, the label the reference's flip augmentation
+  keeps) vs the same mirrored box. Empty where not applicable."""
+  meta, boxes = row.get("meta") or {}, row.get("apm_boxes")
+  if row["task"] != "Anatomy Grounding" or boxes is None:
+    return {}
+  truth = _first_box(row.get("reference"))
+  if truth is None:
+    return {}
+  index = meta.get("anatomy_index", meta.get("anatomy"))
+  if index is None:
+    return {}
+  if not isinstance(index, (int, np.integer)):
+    if index not in anatomy.NAME_TO_INDEX:
+      return {}
+    index = anatomy.NAME_TO_INDEX[index]
+  boxes = np.asarray(boxes, np.float64)
+  iou = lambda i: float(box_ops.iou_matrix(boxes[i][None], truth, dtype=None)[0, 0])  # noqa: E731
+  out = {"apm_anatomy_iou": iou(int(index))}
+  if meta.get("mirror_of_anatomy_index") is not None:
+    out["apm_anatomy_iou_unswapped"] = iou(int(meta["mirror_of_anatomy_index"]))
+  return out
 
 
 class Scorer:
@@ -112,6 +184,10 @@ class Scorer:
       boxes = grounding.score_sample(row["reference"], answer, self.box_format, self.matcher)
       if boxes is not None:
         s.update({f"grounding_{k}": v for k, v in boxes.items()})
+      side = side_correct(row.get("instruction"), row["reference"], row.get("answer"))
+      if side is not None:
+        s["side_accuracy"] = side
+      s.update(apm_ious(row))
     clinical_rows = [r for r in out if CLINICAL in TASK_METRICS.get(r["task"], ())]
     self._clinical(clinical_rows)
     return out
@@ -180,6 +256,51 @@ class Scorer:
       out.update({f"{k}_corpus": v for k, v in clinical.chexbert_f1(ref, hyp).items()})
     return out
 
+  def flip_summary(self, original: Sequence[Mapping[str, Any]],
+                   mirrored: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The left/right flip test: per task, each metric on the original and the mirrored samples
+    (both scored) and their ratio.
+
+    Only original samples that have a mirrored one (same source and id) are compared. Returns
+    ``{"samples", "rows": [{task, metric, n_original, n_mirrored, original, mirrored, ratio}],
+    "groups_mirrored": the mirrored samples' per-(task, dataset) summary}``; ``ratio`` is
+    mirrored / original (None when either is missing or the original is 0); ``n_*`` count the
+    samples the metric is a mean over. Task "all" holds the side accuracy over every task.
+    ``apm_anatomy_iou_unswapped`` is compared with the original ``apm_anatomy_iou`` (on the
+    original image both labellings are the same).
+    """
+    keys = {(r["source"], r["id"]) for r in mirrored}
+    original = [r for r in original if (r["source"], r["id"]) in keys]
+    groups_o = self.summarize(original)["groups"]
+    groups_m = self.summarize(mirrored)["groups"]
+
+    def count(rows: Sequence[Mapping[str, Any]], task: str | None, metric: str) -> int:
+      return sum(1 for r in rows if task in (None, r["task"])
+                 and r["scores"].get(metric) is not None)
+
+    def mean(rows: Sequence[Mapping[str, Any]], metric: str) -> float | None:
+      values = [r["scores"][metric] for r in rows if r["scores"].get(metric) is not None]
+      return float(np.mean(values)) if values else None
+
+    out_rows = []
+
+    def add(task: str, metric: str, o: float | None, m: float | None, n_o: int, n_m: int):
+      if o is None and m is None:
+        return
+      ratio = None if o is None or m is None or o == 0 else float(m / o)
+      out_rows.append({"task": task, "metric": metric, "n_original": n_o, "n_mirrored": n_m,
+                       "original": o, "mirrored": m, "ratio": ratio})
+
+    for task in sorted({r["task"] for r in mirrored}):
+      g_o, g_m = groups_o.get(f"{task} | all", {}), groups_m.get(f"{task} | all", {})
+      for metric in FLIP_METRICS.get(task, _TEXT_MAIN) + FLIP_EVERY_TASK:
+        o_metric = "apm_anatomy_iou" if metric == "apm_anatomy_iou_unswapped" else metric
+        add(task, metric, g_o.get(o_metric), g_m.get(metric), count(original, task, o_metric),
+            count(mirrored, task, metric))
+    add("all", "side_accuracy", mean(original, "side_accuracy"), mean(mirrored, "side_accuracy"),
+        count(original, None, "side_accuracy"), count(mirrored, None, "side_accuracy"))
+    return {"samples": len(mirrored), "rows": out_rows, "groups_mirrored": groups_m}
+
   def _table1(self, groups: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
     row: dict[str, Any] = {}
     for column, key in TABLE1_TEXT:
@@ -209,5 +330,10 @@ def conventions() -> dict[str, str]:
                              "strict variants over all box-expecting samples (unparsed = 0)",
               "bleu_corpus": "corpus", "vqa_*": "mean of per-sample",
               "classification_exact": "mean of per-sample",
-              "classification_*_f1": "corpus (label-list answers, the 14 CheXpert labels)"})
+              "classification_*_f1": "corpus (label-list answers, the 14 CheXpert labels)",
+              "side_accuracy": "mean of per-sample: of the answers naming a side (left/right) "
+                               "where the reference names exactly one and the instruction none, "
+                               "the fraction naming only the reference's side",
+              "apm_anatomy_iou": "mean of per-sample: the frozen APM's box for the asked anatomy "
+                                 "vs the reference box (anatomy-grounding samples)"})
   return out

@@ -47,8 +47,11 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from anatomix_jax.data import images
 from anatomix_jax.instruct import common, schema
+from anatomix_jax.ops import boxes as box_ops
 
 SOURCE = "vindr_instruct"
 INPUT_KEYS = ("annotations_train", "annotations_test", "image_dir")
@@ -80,15 +83,6 @@ NO_ABNORMALITIES = "No abnormalities detected."
 Region = tuple[str, list[int]]  # (class name, integer xyxy box on the 1024 frame)
 
 
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-  """IoU of two xyxy boxes (0 when they do not overlap or both are empty)."""
-  inter_w = min(a[2], b[2]) - max(a[0], b[0])
-  inter_h = min(a[3], b[3]) - max(a[1], b[1])
-  inter = 0.0 if inter_w < 0 or inter_h < 0 else inter_w * inter_h
-  union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-  return inter / union if union > 0 else 0.0
-
-
 def merge_boxes(regions: Sequence[Region], threshold: float = IOU_THRESHOLD) -> list[Region]:
   """The reference's greedy merge: the first remaining box absorbs every later same-class box whose
   IoU with it exceeds ``threshold``; the union of those becomes one region."""
@@ -98,7 +92,8 @@ def merge_boxes(regions: Sequence[Region], threshold: float = IOU_THRESHOLD) -> 
     name, base = remaining.pop(0)
     group, rest = [base], []
     for other_name, box in remaining:
-      if other_name == name and iou(base, box) > threshold:
+      if other_name == name and box_ops.iou(np.asarray(base, np.float64),
+                                            np.asarray(box, np.float64)) > threshold:
         group.append(box)
       else:
         rest.append((other_name, box))

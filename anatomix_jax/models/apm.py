@@ -32,12 +32,11 @@ import jax
 import jax.numpy as jnp
 
 from anatomix_jax.models import bert, resnet, transformer
-from anatomix_jax.models.transformer import TOKEN_AXES, dense, torch_linear_init
+from anatomix_jax.models.transformer import DTYPES, TOKEN_AXES, dense, torch_linear_init
 
 Array = jax.Array
 
 STRIDE = 32  # total backbone stride (stem 4 × three strided stages)
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +101,8 @@ class APMConfig:
       problems.append(f"text_dim must be ≥ 0, got {self.text_dim}")
     if not 0.0 <= self.dropout < 1.0:
       problems.append(f"dropout must be in [0, 1), got {self.dropout}")
-    if self.dtype not in _DTYPES:
-      problems.append(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+    if self.dtype not in DTYPES:
+      problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
     if problems:
       raise ValueError("invalid APMConfig: " + "; ".join(problems))
 

@@ -6,7 +6,8 @@
 
 Self-attention is softmax(q·kᵀ/√d_head + bias) with the additive padding bias
 ``(1 - attention_mask) · finfo(dtype).min`` of HF's ``get_extended_attention_mask``; dropout acts on
-the attention weights. ``convert.hf_bert`` loads HF checkpoints into this module.
+the attention weights. ``convert.hf_bert`` loads HF checkpoints into this module;
+``encode_sentences`` runs it over sentences (HF tokenizer, fixed padded shapes, mean pooling).
 
 Parameter layout (logical axis names in parentheses):
   ``embeddings/word_embeddings/embedding`` [V, H] ('vocab', 'embed'),
@@ -26,18 +27,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from anatomix_jax.models.transformer import TOKEN_AXES, HeadsMerge, HeadsProjection, dense
+from anatomix_jax.models.transformer import (
+    DTYPES, TOKEN_AXES, HeadsMerge, HeadsProjection, dense)
 
 Array = jax.Array
 
-_DTYPES = ("float32", "bfloat16", "float16")
 # HF ``hidden_act`` name → activation. "gelu" is the exact erf GELU; the others the tanh form.
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -50,6 +52,7 @@ REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_att
                       "intermediate_size", "hidden_act", "max_position_embeddings",
                       "type_vocab_size", "layer_norm_eps", "pad_token_id")
 _OPTIONAL_HF_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range")
+SEQUENCE_MULTIPLE = 16  # encode_sentences pads lengths to a multiple of this (fewer recompiles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +109,8 @@ class BertConfig:
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
       if not 0.0 <= getattr(self, name) < 1.0:
         problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
-    if self.dtype not in _DTYPES:
-      problems.append(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+    if self.dtype not in DTYPES:
+      problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
     if problems:
       raise ValueError("invalid BertConfig: " + "; ".join(problems))
 
@@ -333,3 +336,93 @@ class TextProjection(nn.Module):
     """float[..., H] sentence embeddings → float[..., proj_dim]."""
     h = dense(self.hidden_dim, x.shape[-1], ("embed", "mlp"), "linear1", self.dtype)(x)
     return dense(self.proj_dim, self.hidden_dim, ("mlp", "proj"), "linear2", self.dtype)(nn.relu(h))
+
+
+# --- Sentence encoding ----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=8)
+def _pooled_forward(config: BertConfig) -> Callable[..., jax.Array]:
+  """jit((params, ids, mask, types) → mean-pooled float32[B, H]), one per config."""
+  model = BertModel(config)
+
+  def forward(params, input_ids, attention_mask, token_type_ids):
+    hidden = model.apply({"params": params}, input_ids, attention_mask, token_type_ids)
+    return mean_pool(hidden, attention_mask)
+
+  return jax.jit(forward)
+
+
+def _check_sentences(sentences: Sequence[str]) -> None:
+  for i, sentence in enumerate(sentences):
+    if not isinstance(sentence, str):
+      raise TypeError(f"sentences[{i}] is a {type(sentence).__name__}, not a str")
+    if not sentence.strip():
+      raise ValueError(f"sentences[{i}] is empty (or whitespace only): {sentence!r}")
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def tokenize_batch(tokenizer: Any, sentences: Sequence[str], config: BertConfig,
+                   rows: int | None = None) -> dict[str, np.ndarray]:
+  """Tokenises with special tokens and right-pads to a fixed shape.
+
+  Args:
+    tokenizer: a HF tokenizer.
+    sentences: S ≤ rows sentences.
+    config: the model's config (truncation at ``max_position_embeddings``, the pad id fallback).
+    rows: the batch rows R (default S); rows past S are all padding (mask 0).
+
+  Returns:
+    ``input_ids``, ``attention_mask``, ``token_type_ids``: int32[R, T], T the longest sequence
+    rounded up to a multiple of 16, capped at ``max_position_embeddings``.
+  """
+  rows = len(sentences) if rows is None else rows
+  enc = tokenizer(list(sentences), add_special_tokens=True, truncation=True, padding=False,
+                  max_length=config.max_position_embeddings, return_attention_mask=True,
+                  return_token_type_ids=True)
+  longest = max(len(ids) for ids in enc["input_ids"])
+  length = min(_round_up(longest, SEQUENCE_MULTIPLE), config.max_position_embeddings)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
+  out = {"input_ids": np.full((rows, length), pad_id, np.int32),
+         "attention_mask": np.zeros((rows, length), np.int32),
+         "token_type_ids": np.zeros((rows, length), np.int32)}
+  for name, array in out.items():
+    for i, values in enumerate(enc[name]):
+      array[i, :len(values)] = values
+  return out
+
+
+def encode_sentences(config: BertConfig, params: Any, tokenizer: Any, sentences: Sequence[str],
+                     batch_size: int = 64) -> np.ndarray:
+  """Mean-pooled sentence embeddings (sentence-transformers' pooling, without normalisation).
+
+  Every batch is padded to ``batch_size`` rows and to a length that is a multiple of 16, so a
+  corpus compiles only a few shapes.
+
+  Args:
+    config: the model's config.
+    params: ``BertModel`` params (e.g. from ``convert.hf_bert.load_bert``).
+    tokenizer: its tokenizer (e.g. from ``convert.hf_bert.load_tokenizer``).
+    sentences: S non-empty strings.
+    batch_size: rows per forward pass.
+
+  Returns:
+    float32[S, H].
+
+  Raises:
+    ValueError: naming the index of an empty or whitespace-only sentence.
+  """
+  _check_sentences(sentences)
+  if not sentences:
+    return np.zeros((0, config.hidden_size), np.float32)
+  forward = _pooled_forward(config)
+  params = jax.device_put(nn.unbox(params))
+  chunks = []
+  for start in range(0, len(sentences), batch_size):
+    chunk = sentences[start:start + batch_size]
+    batch = tokenize_batch(tokenizer, chunk, config, rows=batch_size)
+    pooled = forward(params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    chunks.append(np.asarray(pooled, np.float32)[:len(chunk)])
+  return np.concatenate(chunks)

@@ -38,6 +38,7 @@ Dtype = Any
 
 TOKEN_AXES = ("activation_batch", "activation_length", "activation_embed")
 LN_EPS = 1e-5  # torch.nn.LayerNorm default
+DTYPES = ("float32", "bfloat16", "float16")  # the compute/param dtype names models accept
 
 
 # --- PyTorch-equivalent initialisers -------------------------------------------------------------

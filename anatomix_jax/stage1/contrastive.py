@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import xlogy
 
+from anatomix_jax.ops.vectors import l2_normalize
+
 Array = jax.Array
 
-_NORM_EPS = 1e-12  # torch F.normalize default.
 _NEG = -1e30  # Masked logit: exp(_NEG − max) == 0 in float32, but finite (no 0·inf = NaN).
 _HIGHEST = jax.lax.Precision.HIGHEST  # logits are scaled by 1/τ = 100: no bf16/tf32 matmul passes.
 
@@ -37,20 +38,6 @@ _HIGHEST = jax.lax.Precision.HIGHEST  # logits are scaled by 1/τ = 100: no bf16
 def _flatten(x: Array, dtype: jnp.dtype) -> Array:
   """``[..., d]`` → ``[N, d]`` in ``dtype``."""
   return x.reshape(-1, x.shape[-1]).astype(dtype)
-
-
-def l2_normalize(x: Array, eps: float = _NORM_EPS) -> Array:
-  """``x / max(‖x‖, eps)`` along the last axis, with a finite gradient at ``x = 0``.
-
-  Args:
-    x: ``[N, d]``.
-    eps: lower bound on the norm (torch ``F.normalize`` semantics).
-
-  Returns:
-    ``[N, d]`` rows of unit norm (zero rows stay zero).
-  """
-  sq = jnp.sum(x * x, axis=-1, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def similarity(a: Array, b: Array, temperature: float) -> Array:

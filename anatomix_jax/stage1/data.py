@@ -225,60 +225,6 @@ class CopyOut(grain.transforms.Map):
     return {k: np.array(v, copy=True) for k, v in batch.items()}
 
 
-def _augment_dict(augment: Any) -> dict[str, Any] | None:
-  """ConfigDict/dict/None → a plain picklable dict (None when augmentation is off)."""
-  if augment is None or not augment_lib.config_value(augment, "enabled"):
-    return None
-  cfg = {k: augment_lib.config_value(augment, k) for k in augment_lib.DEFAULT_AUGMENT}
-  # Fail here, in the calling process, rather than in a worker on the first example.
-  if (cfg["degrees"] < 0 or not 0 <= cfg["translate"] <= 1 or not 0 <= cfg["hflip_prob"] <= 1
-      or not 0 < cfg["scale_min"] <= cfg["scale_max"]
-      or cfg["interpolation"] not in ("bilinear", "nearest")):
-    raise ValueError(f"invalid augmentation config {cfg}")
-  return cfg
-
-
-def _derived_seed(seed: int, salt: int) -> int:
-  return int(np.random.SeedSequence([seed, salt]).generate_state(1, np.uint32)[0])
-
-
-def global_batch_size_check(global_batch: int, process_count: int,
-                            data_parallel_size: int | None = None) -> int:
-  """Checks that a global batch splits over hosts and data-parallel shards; returns the host batch.
-
-  Args:
-    global_batch: examples per training step across all hosts.
-    process_count: number of JAX processes (hosts), each loading ``global_batch / process_count``.
-    data_parallel_size: number of shards of the batch axis in the mesh (e.g. ``data × fsdp``);
-      None skips the mesh checks.
-
-  Returns:
-    The per-host batch size.
-
-  Raises:
-    ValueError: with the numbers involved when a division is not exact.
-  """
-  if global_batch <= 0 or process_count <= 0:
-    raise ValueError(f"global batch ({global_batch}) and process count ({process_count}) must be "
-                     "positive")
-  if global_batch % process_count:
-    raise ValueError(f"global batch {global_batch} is not divisible by the {process_count} "
-                     f"processes; use a multiple of {process_count}")
-  if data_parallel_size is not None:
-    if data_parallel_size <= 0:
-      raise ValueError(f"data-parallel size must be positive, got {data_parallel_size}")
-    if global_batch % data_parallel_size:
-      raise ValueError(f"global batch {global_batch} is not divisible by the data-parallel size "
-                       f"{data_parallel_size} (mesh axes that split the batch); use a multiple "
-                       f"of {data_parallel_size}")
-    # Each host loads a distinct slice, so each must hold whole data-parallel shards.
-    if data_parallel_size % process_count:
-      raise ValueError(f"data-parallel size {data_parallel_size} is not a multiple of the "
-                       f"{process_count} processes: hosts would have to share batch shards, "
-                       "which per-host loading does not support")
-  return global_batch // process_count
-
-
 def stage1_dataset(records_dir: str, split: str, *, image_size: int, batch_size: int, train: bool,
                    seed: int = 0, augment: Any = None, process_index: int = 0,
                    process_count: int = 1, num_workers: int = 0, num_epochs: int | None = None,
@@ -291,7 +237,7 @@ def stage1_dataset(records_dir: str, split: str, *, image_size: int, batch_size:
     records_dir: directory with ``{split}.array_record-*`` shards and ``metadata.json``.
     split: split name, e.g. ``"train"``.
     image_size: output side ``S``; stored images of another size are resized (INTER_AREA).
-    batch_size: per-host batch ``b`` (see :func:`global_batch_size_check`).
+    batch_size: per-host batch ``b`` (see ``core.sharding.host_batch_size``).
     train: shuffle + repeat + augmentation + drop_remainder; else one padded eval pass.
     seed: shuffle and augmentation seed (training), in ``[0, 2**32)``.
     augment: None (no augmentation) or a mapping/ConfigDict with ``enabled``, ``degrees``,
@@ -327,9 +273,9 @@ def stage1_dataset(records_dir: str, split: str, *, image_size: int, batch_size:
 
   if train:
     ds = ds.shuffle(seed=seed).repeat(num_epochs)
-    aug = _augment_dict(augment)
+    aug = augment_lib.augment_params(augment)
     if aug is not None:
-      ds = ds.random_map(Augment(aug), seed=_derived_seed(seed, 1))
+      ds = ds.random_map(Augment(aug), seed=augment_lib.derived_seed(seed, 1))
     ds = ds.map(Finalize(image_size))
     if num_epochs is not None:
       per_step = process_count * batch_size

@@ -1,4 +1,4 @@
-"""The stage-1 training loop: config → mesh → data → abstract state → init or restore → steps.
+"""Stage 1 as a task of the shared loop (``core.loop``): config → mesh → data → model → steps.
 
 ``train_and_evaluate(config, workdir)`` trains with periodic evaluation and checkpoints and resumes
 from the workdir automatically; ``evaluate_checkpoint(config, workdir)`` scores a saved checkpoint.
@@ -6,35 +6,33 @@ from the workdir automatically; ``evaluate_checkpoint(config, workdir)`` scores 
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
-import time
 import zlib
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from anatomix_jax import anatomy
-from anatomix_jax.stage1 import (data as pipeline, records_dir as stage1_data, text as text_embeddings)
+from anatomix_jax.core import checkpointing, loop as core_loop, sharding as sharding_lib
 from anatomix_jax.data import sentences
-from anatomix_jax.models import apm
-from anatomix_jax.core import checkpointing
-from anatomix_jax.stage1 import metrics as metrics_lib
 from anatomix_jax.evaluation import overlays
-from anatomix_jax.core import sharding as sharding_lib, state as state_lib
-from anatomix_jax.stage1 import steps as steps_lib
-from anatomix_jax.core.writers import MetricWriter
+from anatomix_jax.stage1 import (data as pipeline, load as load_lib, metrics as metrics_lib,
+                                 records_dir as stage1_data, steps as steps_lib,
+                                 text as text_embeddings)
 
 
-class Stage1:
-  """What training and evaluation share: mesh, data location, model, optimizer, abstract state."""
+class Stage1Task:
+  """What training, evaluation and the RAG build share: mesh, data, model, optimizer, state.
+
+  Implements ``core.loop.Task``.
+  """
+
+  name = "stage1"
+  log_keys = ("loss", "l1", "giou", "labels", "contrastive", "images_per_s")
 
   def __init__(self, config: Any, workdir: str, text: bool | None = None):
     """``text``: load the sentence index and frozen-encoder embeddings (default: when the
@@ -65,48 +63,93 @@ class Stage1:
           config.text.encode_batch)
     self.sentence_ids = self.sentence_index.ids() if self.sentence_index else None
     text_dim = 0 if self.text_table is None else int(self.text_table.shape[1])
-    self.model = apm.APM(dataclasses.replace(apm.APMConfig.from_config(config.model),
-                                             text_dim=text_dim))
-    self.tx = state_lib.make_optimizer(config.optim, self.num_steps)
-    size = config.data.image_size
-    init_variables = lambda rng: self.model.init(  # noqa: E731
-        {"params": rng, "dropout": rng}, jnp.zeros((1, size, size, 1), jnp.float32), train=False)
+    built = load_lib.build(config, text_dim, self.num_steps, self.mesh, self.rules)
+    self.model, self.tx, self.state_shardings = built.model, built.tx, built.shardings
+    self._abstract_state, self._init = built.abstract, built.init
     self.init_rng, self.train_rng = jax.random.split(jax.random.key(config.seed))
-    self.abstract_state, self.state_shardings, self.init_state = state_lib.train_state_factory(
-        init_variables, self.tx, self.init_rng, self.mesh, self.rules)
-    self.checkpointer = checkpointing.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
-        best_metric=config.train.best_metric)
+    self.checkpointer = checkpointing.Checkpointer.for_run(workdir, config.train)
+    self.baseline_boxes = None
+    self._eval_step = None
+    self._data_crc = 0
 
-  def meta(self, step: int) -> dict:
-    return {"step": int(step), "stage": self.config.stage,
-            "config": json.loads(self.config.to_json_best_effort()),
-            "records_dir": self.records_dir, "num_steps": self.num_steps,
-            "process_count": jax.process_count(),
+  # --- core.loop.Task ----------------------------------------------------------------------------
+
+  def model_signature(self) -> dict:
+    return {"model": json.loads(self.config.model.to_json_best_effort()),
             "text_dim": self.model.config.text_dim}
 
-  def check_compatible(self, meta: dict) -> None:
-    """A workdir's checkpoint must come from the same model; anything else may change on resume."""
-    saved = meta.get("config", {}).get("model")
-    current = json.loads(self.config.model.to_json_best_effort())
-    if saved is not None and saved != current:
-      raise ValueError(f"{self.checkpointer.directory} holds checkpoints of a different model "
-                       f"({saved} vs {current}); use another --workdir")
-    if meta.get("text_dim", self.model.config.text_dim) != self.model.config.text_dim:
-      raise ValueError(f"{self.checkpointer.directory} holds checkpoints with a text branch of "
-                       f"width {meta['text_dim']}, this run's is {self.model.config.text_dim} "
-                       "(another text encoder, or loss.contrastive switched); use another --workdir")
+  def meta(self) -> dict:
+    return {"records_dir": self.records_dir, "num_steps": self.num_steps,
+            "text_dim": self.model.config.text_dim}
+
+  def train_iterator(self):
+    c = self.config
+    return iter(pipeline.stage1_dataset(
+        self.records_dir, c.data.train_split, image_size=c.data.image_size,
+        batch_size=self.host_batch, train=True, seed=c.seed,
+        augment=c.data.augment if c.data.augment.enabled else None,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_workers=c.data.num_workers, skip_bad=c.data.skip_bad, sentence_ids=self.sentence_ids))
+
+  def setup(self) -> None:
+    self.baseline_boxes = stage1_data.mean_train_boxes(self.records_dir,
+                                                       self.config.data.train_split)
+    logging.info("stage 1: %d parameters, %d train examples, global batch %d",
+                 sum(x.size for x in jax.tree.leaves(self._abstract_state.params)),
+                 self.num_train, self.config.train.batch_size)
+
+  def init_state(self):
+    return self._init(self.init_rng)
+
+  def abstract_state(self):
+    return self._abstract_state
+
+  def make_train_step(self):
+    step_fn = steps_lib.jit_train_step(
+        steps_lib.make_train_step(self.model, self.tx, self.config.loss, self.config.optim),
+        self.state_shardings, self.batch_sharding, self.mesh)
+
+    def train_step(state, local, step):
+      del step
+      batch = sharding_lib.host_to_global(self.with_text(local), self.batch_sharding)
+      state, metrics = step_fn(state, batch, self.train_rng)
+      return state, metrics, {"index": np.asarray(local["index"])}
+
+    return train_step
+
+  def log_extras(self, stats: list[dict], elapsed_s: float, steps: int) -> dict:
+    # A fingerprint of the examples seen since the last log line: equal logs ⇔ equal data order.
+    crc = 0
+    for s in stats:
+      crc = zlib.crc32(s["index"].tobytes(), crc)
+    return {"images_per_s": steps * self.config.train.batch_size / elapsed_s, "data_crc": crc}
+
+  def evaluate(self, state, step: int) -> dict:
+    return run_eval(self, self.eval_step(), state, self.config.data.eval_split, step,
+                    self.baseline_boxes)
+
+  def report(self, metrics: dict) -> None:
+    _report(self, metrics, self.config.data.eval_split)
+
+  # --- evaluation --------------------------------------------------------------------------------
+
+  def eval_step(self):
+    """The jitted eval step (built once)."""
+    if self._eval_step is None:
+      self._eval_step = steps_lib.jit_eval_step(
+          steps_lib.make_eval_step(self.model, self.config.loss), self.state_shardings,
+          self.batch_sharding)
+    return self._eval_step
 
   def restore_for_eval(self) -> tuple[Any, int]:
     """The state of the ``eval.checkpoint`` ("latest" or "best") checkpoint, and its step."""
     which = self.config.eval.checkpoint
-    step = {"latest": self.checkpointer.latest_step(),
-            "best": self.checkpointer.best_step()}.get(which)
+    step = self.checkpointer.step_for(which)
     if step is None:
       raise FileNotFoundError(f"no {which!r} checkpoint in {self.checkpointer.directory}: train "
                               "stage 1 first (--mode=train) with the same --workdir")
-    self.check_compatible(self.checkpointer.read_meta(step))
-    state, _ = self.checkpointer.restore(step, self.abstract_state, None)
+    core_loop.check_same_model(self, self.checkpointer.read_meta(step))
+    state, _ = self.checkpointer.restore(step, self._abstract_state, None)
     return state, step
 
   def with_text(self, local: dict) -> dict:
@@ -125,13 +168,7 @@ class Stage1:
         sentence_ids=self.sentence_ids)
 
 
-def to_host(x: jax.Array) -> np.ndarray:
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def run_eval(run: Stage1, eval_step, state, split: str, step: int,
+def run_eval(run: Stage1Task, eval_step, state, split: str, step: int,
              baseline_boxes: np.ndarray | None = None) -> dict[str, float]:
   """Scores ``state`` on every example of ``split`` once; writes box overlays of a few of them."""
   keys = ("boxes", "box_mask", "labels", "valid", "index")
@@ -140,10 +177,10 @@ def run_eval(run: Stage1, eval_step, state, split: str, step: int,
   for local in run.eval_dataset(split):
     batch = sharding_lib.host_to_global(run.with_text(local), run.batch_sharding)
     outputs, parts = eval_step(state, batch)
-    collected["pred_boxes"].append(to_host(outputs["boxes"]))
-    collected["logits"].append(to_host(outputs["image_logits"]))
+    collected["pred_boxes"].append(sharding_lib.to_host(outputs["boxes"]))
+    collected["logits"].append(sharding_lib.to_host(outputs["image_logits"]))
     for k in keys:
-      collected[k].append(to_host(batch[k]))
+      collected[k].append(sharding_lib.to_host(batch[k]))
     for k, v in jax.device_get(parts).items():
       loss_sums[k] = loss_sums.get(k, 0.0) + float(v)
     num_batches += 1
@@ -166,7 +203,7 @@ def run_eval(run: Stage1, eval_step, state, split: str, step: int,
   return out
 
 
-def _write_overlays(run: Stage1, local: dict, data: dict, step: int, split: str) -> None:
+def _write_overlays(run: Stage1Task, local: dict, data: dict, step: int, split: str) -> None:
   directory = os.path.join(run.workdir, "overlays")
   os.makedirs(directory, exist_ok=True)
   row_of = {int(i): r for r, i in enumerate(data["index"])}
@@ -189,88 +226,10 @@ def _summary(metrics: dict) -> str:
 
 def train_and_evaluate(config: Any, workdir: str) -> dict:
   """Trains stage 1, resuming from ``{workdir}/checkpoints`` if present; returns the final metrics."""
-  run = Stage1(config, workdir)
-  c = config
-  eval_every = c.train.eval_every if c.train.eval_every > 0 else run.steps_per_epoch
-  ckpt_every = c.train.checkpoint_every if c.train.checkpoint_every > 0 else eval_every
-  augment = c.data.augment if c.data.augment.enabled else None
-  train_iter = iter(pipeline.stage1_dataset(
-      run.records_dir, c.data.train_split, image_size=c.data.image_size, batch_size=run.host_batch,
-      train=True, seed=c.seed, augment=augment, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_workers=c.data.num_workers, skip_bad=c.data.skip_bad,
-      sentence_ids=run.sentence_ids))
-
-  start = run.checkpointer.latest_step()
-  if start is not None:
-    meta = run.checkpointer.read_meta(start)
-    run.check_compatible(meta)
-    saved_processes = meta.get("process_count", jax.process_count())
-    if saved_processes != jax.process_count():
-      # Each process saved its own shard's position; with another process count the shards are
-      # different streams, so the model state is resharded and the data stream starts afresh.
-      logging.warning("checkpoint %d was written by %d processes, this run has %d: the state is "
-                      "resharded; the data stream restarts (its saved positions do not apply)",
-                      start, saved_processes, jax.process_count())
-    state, _ = run.checkpointer.restore(
-        start, run.abstract_state, train_iter if saved_processes == jax.process_count() else None)
-    logging.info("resumed from %s at step %d", run.checkpointer.directory, start)
-  else:
-    state, start = run.init_state(run.init_rng), 0
-  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(run.abstract_state.params))
-  logging.info("stage 1: %d parameters, %d train examples, %d steps (%d per epoch), global batch "
-               "%d, mesh %s", num_params, run.num_train, run.num_steps, run.steps_per_epoch,
-               c.train.batch_size, dict(run.mesh.shape))
-
-  writer = MetricWriter(workdir)
-  watcher = checkpointing.PreemptionWatcher()
-  baseline = stage1_data.mean_train_boxes(run.records_dir, c.data.train_split)
-  final: dict = {}
-  try:
-    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-      train_step = steps_lib.jit_train_step(
-          steps_lib.make_train_step(run.model, run.tx, c.loss, c.optim), run.state_shardings,
-          run.batch_sharding, run.mesh)
-      eval_step = steps_lib.jit_eval_step(steps_lib.make_eval_step(run.model, c.loss),
-                                          run.state_shardings, run.batch_sharding)
-      pending, t_log, step_log, data_crc = [], time.time(), start, 0
-      step = start
-      while step < run.num_steps:
-        local = next(train_iter)
-        # A fingerprint of the examples seen since the last log line: equal logs ⇔ equal data order.
-        data_crc = zlib.crc32(np.asarray(local["index"]).tobytes(), data_crc)
-        batch = sharding_lib.host_to_global(run.with_text(local), run.batch_sharding)
-        state, step_metrics = train_step(state, batch, run.train_rng)
-        step += 1
-        pending.append(step_metrics)
-        if step % c.train.log_every == 0 or step == run.num_steps:
-          _log_train(writer, pending, step, step_log, t_log, run, data_crc)
-          pending, t_log, step_log, data_crc = [], time.time(), step, 0
-        evaluated = step % eval_every == 0 or step == run.num_steps
-        if evaluated:
-          final = run_eval(run, eval_step, state, c.data.eval_split, step, baseline)
-          writer.write(step, "val", final)
-          logging.info("eval step %d (%s): %s", step, c.data.eval_split, _summary(final))
-        if evaluated or step % ckpt_every == 0:
-          run.checkpointer.save(step, state, train_iter, run.meta(step),
-                                metrics=final if evaluated else None)
-        if watcher.should_stop(step):
-          if run.checkpointer.latest_step() != step:  # this step may have just been saved
-            run.checkpointer.save(step, state, train_iter, run.meta(step), force=True)
-          run.checkpointer.wait()
-          logging.warning("preempted: checkpoint of step %d saved; exiting", step)
-          return {"preempted": True, "step": step}
-      if not final:  # nothing left to train (a finished workdir): evaluate what is there
-        final = run_eval(run, eval_step, state, c.data.eval_split, step, baseline)
-  finally:
-    run.checkpointer.close()
-    writer.close()
-    watcher.close()
-  final["step"] = step
-  _report(run, final, c.data.eval_split)
-  return final
+  return core_loop.train(Stage1Task(config, workdir))
 
 
-def _report(run: Stage1, metrics: dict, split: str) -> None:
+def _report(run: Stage1Task, metrics: dict, split: str) -> None:
   """Logs the per-anatomy IoU table and the headline numbers; saves them as JSON (process 0)."""
   if jax.process_index() != 0:
     return
@@ -284,37 +243,14 @@ def _report(run: Stage1, metrics: dict, split: str) -> None:
                _summary(metrics), path)
 
 
-def _log_train(writer: MetricWriter, pending: list, step: int, step_log: int, t_log: float,
-               run: Stage1, data_crc: int = 0) -> None:
-  host = jax.device_get(pending)
-  if any(int(m["nonfinite"]) for m in host):
-    raise FloatingPointError(
-        f"non-finite loss or gradient between steps {step_log + 1} and {step}: those updates were "
-        f"not applied and nothing after checkpoint {run.checkpointer.latest_step()} was saved; "
-        "lower the learning rate or check the data")
-  mean = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "nonfinite"}
-  elapsed = max(time.time() - t_log, 1e-9)
-  steps_per_s = (step - step_log) / elapsed
-  mean["images_per_s"] = steps_per_s * run.config.train.batch_size
-  mean["eta_min"] = (run.num_steps - step) / max(steps_per_s, 1e-9) / 60
-  mean["data_crc"] = data_crc
-  writer.write(step, "train", mean)
-  parts = " ".join(f"{k}={mean[k]:.4f}" for k in ("loss", "l1", "giou", "labels", "contrastive")
-                   if k in mean)
-  logging.info("step %d/%d %s %.1f img/s ETA %.1f min", step, run.num_steps, parts,
-               mean["images_per_s"], mean["eta_min"])
-
-
 def evaluate_checkpoint(config: Any, workdir: str) -> dict:
   """Scores the workdir's latest (or best, per ``eval.checkpoint``) checkpoint on the eval split."""
-  run = Stage1(config, workdir)
-  state, step = run.restore_for_eval()
-  baseline = stage1_data.mean_train_boxes(run.records_dir, config.data.train_split)
+  run = Stage1Task(config, workdir)
   try:
+    state, step = run.restore_for_eval()
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-      eval_step = steps_lib.jit_eval_step(steps_lib.make_eval_step(run.model, config.loss),
-                                          run.state_shardings, run.batch_sharding)
-      out = run_eval(run, eval_step, state, config.data.eval_split, step, baseline)
+      run.setup()
+      out = run.evaluate(state, step)
   finally:
     run.checkpointer.close()
   out["step"] = step

@@ -26,6 +26,7 @@ import safetensors.numpy
 from absl import logging
 
 from anatomix_jax.convert import hf_bert
+from anatomix_jax.models import bert as bert_lib
 from anatomix_jax.models.bert import BertConfig
 
 RANDOM_ENCODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -119,7 +120,7 @@ def pooled_embeddings(encoder_dir: str, sentences: Sequence[str], cache_dir: str
   tokenizer = hf_bert.load_tokenizer(encoder_dir, config)
   logging.info("encoding %d distinct sentences with the frozen text encoder %s", len(sentences),
                encoder_dir)
-  table = hf_bert.encode_sentences(config, params, tokenizer, list(sentences), batch_size)
+  table = bert_lib.encode_sentences(config, params, tokenizer, list(sentences), batch_size)
   os.makedirs(cache_dir, exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"  # every host computes the same table; any may write it
   safetensors.numpy.save_file({"pooled": np.ascontiguousarray(table, np.float32)}, tmp)

@@ -24,8 +24,9 @@ class HostBatcher:
 
   Args:
     tok: the tokenizer.
-    data_cfg: ``config.data`` (system prompts, context dropout, buckets, truncation).
-    num_image_tokens: the APM's patches per image.
+    data_cfg: ``config.data`` (system prompts, context dropout, buckets, truncation, ``context``:
+      ``prompt.CONTEXTS``, "full" when absent, as in configs saved before it existed).
+    num_image_tokens: ``<image>`` tokens per prompt (the APM's patches, or 1 for its CLS token).
     seed: the run's seed.
   """
 
@@ -37,6 +38,7 @@ class HostBatcher:
     self.train_prompts = tuple(data_cfg.system_prompts)
     self.eval_prompts = tuple(data_cfg.eval_system_prompts)
     self.context_drop_ratio = float(data_cfg.context_drop_ratio)
+    self.context = prompt.check_context(str(data_cfg.get("context", "full")))
     self.num_image_tokens = num_image_tokens
     self.seed = seed
 
@@ -50,7 +52,7 @@ class HostBatcher:
           record, features["boxes"][i], features["sentences"][i], rng,
           system_prompts=self.train_prompts if train else self.eval_prompts,
           context_drop_ratio=self.context_drop_ratio if train else 0.0,
-          num_image_tokens=self.num_image_tokens, answer=answer))
+          num_image_tokens=self.num_image_tokens, answer=answer, context=self.context))
     return out
 
   def __call__(self, records: Sequence[Mapping[str, Any]], features: Mapping[str, Any],

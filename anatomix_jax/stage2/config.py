@@ -1,5 +1,5 @@
 """Stage-2 config defaults shared by configs/stage2_align.py and configs/stage2_finetune.py
-(REFERENCE.md §1.4, §2, §4). The config files pick the step, its data mix and the demo."""
+(REFERENCE.md §1.4, §2, §4). The config files pick the phase, its data mix and the demo."""
 
 import ml_collections
 
@@ -12,10 +12,10 @@ from anatomix_jax.stage2 import prompt
 PAPER_MIX = dict(mimic_report_gen=135_049, anatomy_grounding=237_938, mscxr=2_445,
                  vindr_instruct=38_122, padchest_gr=3_920, mimic_vqa=101_963, slake=1_175,
                  radialog_instruct=12_542, mimic_cxr_classification=182_425)
-def base_config(step: str) -> ml_collections.ConfigDict:
+def base_config(phase: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "stage2"
-  c.step = step                       # "align" (projection heads) or "finetune" (+ LoRA, embedding)
+  c.phase = phase                     # "align" (projection heads) or "finetune" (+ LoRA, embedding)
   c.seed = 2025
 
   # --- the frozen APM and its RAG database (a stage-1 workdir) ---------------------------------
@@ -33,12 +33,22 @@ def base_config(step: str) -> ml_collections.ConfigDict:
       scan_layers=False,               # one scanned layer body (flat compile time in depth)
       projection_hidden=512,
       bidirectional_image=False,       # the reference: causal attention over image tokens too
+      # The image as LM tokens: "patches" (the APM's P patch-memory tokens, the paper's model) or
+      # "cls" (one token, the APM's CLS embedding: the reference's clsIT ablation).
+      image_tokens="patches",
       lora=ml_collections.ConfigDict(dict(rank=16, alpha=16.0, dropout=0.05,
                                           targets=lora.ALL_LINEAR)),
       demo=ml_collections.ConfigDict(dict(
           enabled=False, vocab_size=2048, hidden_size=64, intermediate_size=192,
           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-          sliding_window=512, pretrain_steps=0, pretrain_lr=3e-3)),
+          sliding_window=512,
+          # Every n-th layer attends to the whole sequence (Gemma3's pattern is 6: a 4-layer LM
+          # would have only sliding layers, and its answers could not see context lines more
+          # than sliding_window tokens back).
+          full_attention_every=2,
+          pretrain_steps=0, pretrain_lr=3e-3,
+          # Then text-only stage-2 prompts with short contexts (demo/lm.py: context_rows).
+          context_pretrain_steps=0, context_examples=6000, context_lines=(2, 8))),
   ))
   c.init_from = ""                    # finetune: the align workdir whose heads start step 2
 
@@ -57,6 +67,10 @@ def base_config(step: str) -> ml_collections.ConfigDict:
       system_prompts=prompt.SYSTEM_PROMPTS,         # the reference's three, byte for byte
       eval_system_prompts=prompt.EVAL_SYSTEM_PROMPTS,  # "" (its benchmark scripts)
       context_drop_ratio=0.1,
+      # The prompt's anatomy context (stage2.prompt): "full" (boxes + retrieved sentences, the
+      # paper's model), "skip" (no anatomy lines), "only_emb" (emb:<emb><obj_i></emb> lines) or
+      # "names" (the default context: boxes + anatomy names, no retrieval).
+      context="full",
       buckets=(2048, 2560, 3072),      # padded lengths (tokens); one compile per bucket
       truncation="error",              # or "drop" (counted)
   ))
@@ -64,13 +78,14 @@ def base_config(step: str) -> ml_collections.ConfigDict:
   # --- optimisation (REFERENCE.md §2) ----------------------------------------------------------
   c.optim = ml_collections.ConfigDict(dict(
       lr=2e-4, warmup_ratio=0.03, clip_norm=0.3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0))
-  c.train = ml_collections.ConfigDict(dict(
-      batch_size=32, epochs=3, num_steps=-1, log_every=50, checkpoint_every=8000,
-      keep_checkpoints=3, eval_every=8000, eval_limit=2000,
+  c.train = config_lib.train_config(
+      batch_size=32, epochs=3, log_every=50, checkpoint_every=8000, eval_every=8000,
+      best_metric="loss", best_mode="min",   # the validation loss of the mixture's eval split
+      eval_limit=2000,
       # Output logits in slices of this many tokens per row (0: all at once): MedGemma's
       # [B, T, 262k] float32 logits take 3 GiB per row of 3,072 tokens, their gradient as much
       # again; 256 is what lets the finetune step fit a v5e (benchmarks/compile_check.py).
-      loss_chunk=256))
+      loss_chunk=256)
   c.eval = ml_collections.ConfigDict(dict(max_new_tokens=96))
   # FSDP over all devices: 4B frozen weights do not fit replicated on a 16 GiB chip.
   c.mesh = config_lib.mesh_config(shape=(1, -1, 1))

@@ -26,7 +26,6 @@ from absl import logging
 
 from anatomix_jax.data import augment as augment_lib
 from anatomix_jax.data import images
-from anatomix_jax.stage1.data import _augment_dict, _derived_seed
 from anatomix_jax.instruct import schema
 
 _MAX_LOGGED = 20
@@ -171,7 +170,7 @@ def mixture(data_dir: str, split: str, weights: Mapping[str, float], *,
       continue
     ds = grain.MapDataset.source(records)
     if train:
-      ds = ds.shuffle(seed=_derived_seed(seed, schema.SOURCES.index(source))).repeat()
+      ds = ds.shuffle(seed=augment_lib.derived_seed(seed, schema.SOURCES.index(source))).repeat()
     parts.append(ds)
     part_weights.append(float(weight))
   if not parts:
@@ -233,9 +232,9 @@ def batches(ds: grain.MapDataset, *, image_roots: Mapping[str, str], image_size:
   ds = ds.map(LoadImage(image_roots, image_size, intensity, skip_bad))
   if not train:
     ds = ds.map(_MarkPadding())
-  aug = _augment_dict(augment) if train else None
+  aug = augment_lib.augment_params(augment) if train else None
   if aug is not None:  # seeded by the global position: the same for any process count
-    ds = ds.random_map(AugmentImage(aug), seed=_derived_seed(seed, 101))
+    ds = ds.random_map(AugmentImage(aug), seed=augment_lib.derived_seed(seed, 101))
   # Whole batches per host (lazy: a host loads only its own): process p holds rows
   # [p·b, (p+1)·b) of each global batch, which is the same for any process count.
   ds = ds.batch(batch_size, drop_remainder=train, batch_fn=collate)[process_index::process_count]

@@ -15,12 +15,25 @@ in its checkpoint); ``configs/eval.py`` says what to evaluate and how to score i
                      and which optional metrics were skipped and why;
   ``results.md``     the same as Markdown tables.
 
+``evaluate.context`` / ``evaluate.image_tokens`` evaluate under another prompt context or image
+tokens than the run was trained with (the paper's test-time ablations; empty: as trained). Every
+result carries its setting, e.g. "context=skip, image=patches, phase=finetune (trained:
+context=full)" (``ablation``), as ``results.json``'s ``ablation`` and in ``results.md``'s rows; an
+overridden setting writes under ``{split}_step{N}_context-skip`` etc., apart from the run's own.
+
 ``evaluate.predictions`` scores an existing JSONL of another system's answers instead (fields id,
 source, task, reference, answer), with ``evaluate.box_format`` naming how it writes boxes.
 
 Records follow the reference's benchmark (REFERENCE.md §5): the test split, VinDr subsampled to
 35 % (``evaluate.sources`` fractions, a seeded choice), the evaluation system prompt "", no context
 dropout, greedy decoding up to ``max_new_tokens``, answers post-processed.
+
+``evaluate.flip`` adds the left/right flip test (``stage2.flip``): every record again on its image
+mirrored left–right, with boxes mirrored and left/right words and sided anatomies swapped, the
+same instruction/answer variants as its original sample; ``samples_mirrored.jsonl`` (resumable
+too) and ``scored_samples_mirrored.jsonl``, and in ``results.json`` / ``results.md`` ``flip``: per
+task, each main metric, the APM's anatomy-box IoU and the side accuracy on the original and the
+mirrored samples, and their ratio (``scoring.Scorer.flip_summary``).
 """
 
 from __future__ import annotations
@@ -38,7 +51,7 @@ from absl import logging
 
 from anatomix_jax.evaluation import scoring, tables
 from anatomix_jax.instruct import schema
-from anatomix_jax.stage2 import data, inference
+from anatomix_jax.stage2 import data, flip, inference
 
 SAMPLES = "samples.jsonl"
 
@@ -111,8 +124,11 @@ def _write_rows(path: str, rows: Sequence[Mapping[str, Any]], mode: str = "a") -
 
 
 def generate_samples(trained: inference.Trained, records: Sequence[dict[str, Any]],
-                     path: str, ev: Any) -> int:
+                     path: str, ev: Any, mirror: bool = False) -> int:
   """Generates answers for ``records`` batch by batch, appending sample lines to ``path``.
+
+  ``mirror``: the model sees each image flipped left–right (``flip.mirror_images``; the flip test
+  passes ``flip.mirror_records`` as ``records``).
 
   Unreadable images and prompts longer than the largest bucket become failure rows (``answer``
   None, ``error`` set), scored as failures rather than stopping the evaluation.
@@ -134,8 +150,9 @@ def generate_samples(trained: inference.Trained, records: Sequence[dict[str, Any
     if valid:
       keep = np.asarray(valid)
       records_ok = [local["records"][i] for i in valid]
-      features, examples, answers = trained.answer(local["image"][keep], records_ok,
-                                                   ev.max_new_tokens)
+      images = local["image"][keep]
+      features, examples, answers = trained.answer(
+          flip.mirror_images(images) if mirror else images, records_ok, ev.max_new_tokens)
       for j, (record, example, answer) in enumerate(zip(records_ok, examples, answers)):
         row = {"id": record["id"], "source": record["source"], "task": record["task"],
                "instruction": example.instruction, "reference": example.response,
@@ -152,10 +169,57 @@ def generate_samples(trained: inference.Trained, records: Sequence[dict[str, Any
   return written
 
 
+def mirrored_samples(trained: inference.Trained, records: Sequence[dict[str, Any]],
+                     rows: Sequence[Mapping[str, Any]], out_dir: str, ev: Any
+                     ) -> tuple[list[dict[str, Any]], int]:
+  """The flip test's samples: ``records`` mirrored (``flip.mirror_records``, each pinned to the
+  variants its original sample in ``rows`` drew), answered on the flipped images into
+  ``{out_dir}/samples_mirrored.jsonl`` (appended and resumed like ``samples.jsonl``).
+
+  Returns:
+    ``(samples, left_out)``: the mirrored sample rows, and how many records have no mirror (an
+    anatomy without a left/right partner).
+  """
+  path = os.path.join(out_dir, flip.SAMPLES)
+  previous = read_samples(path)
+  if previous:  # rewritten without a torn last line
+    _write_rows(path + ".tmp", previous, mode="w")
+    os.replace(path + ".tmp", path)
+  mirrored, left_out = flip.mirror_records(records, {_sample_key(r): r for r in rows})
+  done = {_sample_key(r) for r in previous}
+  todo = [r for r in mirrored if _sample_key(r) not in done]
+  logging.info("eval flip test: %d mirrored records (%d already in %s, %d without a mirror)",
+               len(mirrored), len(mirrored) - len(todo), path, left_out)
+  if todo:
+    generate_samples(trained, todo, path, ev, mirror=True)
+  wanted = {_sample_key(r) for r in mirrored}
+  return [r for r in read_samples(path) if _sample_key(r) in wanted], left_out
+
+
 def _failure(record: Mapping[str, Any], reason: str) -> dict[str, Any]:
   return {"id": record["id"], "source": record["source"], "task": record["task"],
           "instruction": record["instructions"][0], "reference": record["responses"][0],
           "answer": None, "error": reason}
+
+
+def ablation(train_cfg: Any, ev: Any) -> dict[str, Any]:
+  """The evaluated setting: the trained run's context / image tokens unless ``ev`` (the
+  ``evaluate`` config) overrides them, and its phase (align: step 1 only; finetune: both steps).
+
+  Returns:
+    ``context``, ``image_tokens``, ``phase``, ``trained`` (the run's own context and image tokens),
+    ``overridden`` (the keys that differ from it) and ``label`` (the row label of the tables).
+  """
+  trained = {"context": str(train_cfg.data.get("context", "full")),
+             "image_tokens": str(train_cfg.lm.get("image_tokens", "patches"))}
+  setting = {k: str(ev.get(k, "") or v) for k, v in trained.items()}
+  overridden = [k for k in trained if setting[k] != trained[k]]
+  label = (f"context={setting['context']}, image={setting['image_tokens']}, "
+           f"phase={train_cfg.phase}")
+  if overridden:
+    label += " (trained: " + ", ".join(f"{k}={trained[k]}" for k in overridden) + ")"
+  return {**setting, "phase": str(train_cfg.phase), "trained": trained, "overridden": overridden,
+          "label": label}
 
 
 def evaluate(config: Any, workdir: str) -> dict[str, Any]:
@@ -167,14 +231,22 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
       raise FileNotFoundError(f"evaluate.predictions: {ev.predictions} has no samples")
     out_dir = ev.output_dir or os.path.splitext(ev.predictions)[0] + "_scored"
     name = os.path.basename(ev.predictions)
+    mirrored = None  # the flip test needs the model: another system's answers have no mirror
+    if ev.get("flip", False):
+      logging.warning("evaluate.flip is ignored with evaluate.predictions (nothing to generate)")
   else:
     if jax.process_count() > 1:
       raise NotImplementedError("--mode=eval runs as one process (all its local devices); start it "
                                 "on one host")
+    setting = ablation(inference.training_config(workdir, ev.checkpoint)[0], ev)
     trained = inference.load(config, workdir, step=ev.checkpoint,
                              overrides={"data.dir": ev.data_dir,
-                                        "data.image_roots.default": ev.image_root})
-    out_dir = ev.output_dir or os.path.join(workdir, "eval", f"{ev.split}_step{trained.step}")
+                                        "data.image_roots.default": ev.image_root,
+                                        "data.context": setting["context"],
+                                        "lm.image_tokens": setting["image_tokens"]})
+    suffix = "".join(f"_{k}-{setting[k]}" for k in setting["overridden"])
+    out_dir = ev.output_dir or os.path.join(workdir, "eval",
+                                            f"{ev.split}_step{trained.step}{suffix}")
     name = f"{os.path.basename(os.path.normpath(workdir))} step {trained.step}"
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, SAMPLES)
@@ -192,12 +264,20 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
       generate_samples(trained, todo, path, ev)
     wanted = {_sample_key(r) for r in records}
     rows = [r for r in read_samples(path) if _sample_key(r) in wanted]
+    mirrored = (mirrored_samples(trained, records, rows, out_dir, ev)
+                if ev.get("flip", False) else None)
   scorer = scoring.Scorer(ev.metrics, box_format=ev.box_format)
   rows = scorer.score(rows)
   results = scorer.summarize(rows)
   results["name"] = name
+  if not ev.predictions:
+    results["ablation"] = setting
   os.makedirs(out_dir, exist_ok=True)
   _write_rows(os.path.join(out_dir, "scored_" + SAMPLES), rows, mode="w")
+  if mirrored is not None:  # the flip test: mirrored samples scored alike, compared per task
+    mirrored_rows = scorer.score(mirrored[0])
+    results["flip"] = {**scorer.flip_summary(rows, mirrored_rows), "left_out": mirrored[1]}
+    _write_rows(os.path.join(out_dir, "scored_" + flip.SAMPLES), mirrored_rows, mode="w")
   with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)
   markdown = tables.markdown(results)

@@ -21,7 +21,7 @@ from absl import logging
 from safetensors.numpy import save_file
 
 from anatomix_jax.convert import hf_gemma3
-from anatomix_jax.stage2 import task as loop
+from anatomix_jax.stage2 import task
 
 # our head → the reference's module name (src/models/LM.py: MultiModalProjectionhead.proj)
 HEAD_NAMES = {"image_projection": "image_projectionhead", "object_projection": "obj_projectionhead"}
@@ -42,7 +42,7 @@ def projection_head_tensors(params: Any) -> dict[str, np.ndarray]:
 
 def export(config: Any, workdir: str) -> dict:
   """Exports the latest checkpoint of a stage-2 workdir; returns the written paths."""
-  run = loop.Stage2(config, workdir, needs_data=False)
+  run = task.Stage2Task(config, workdir, needs_data=False)
   try:
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
       params, step = run.restore_params()

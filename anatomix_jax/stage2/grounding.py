@@ -11,7 +11,13 @@ from the prompt (the reference's empty system prompt, no context dropout); ``<bo
                averaged), averaged over parseable answers only;
   iou_strict   the same with unparseable answers counted as 0;
   apm_iou      for anatomy-grounding records: the frozen APM's own box for that anatomy, the
-               number the LM's answer can be compared with.
+               number the LM's answer can be compared with;
+  anatomy_grounding_copy_rate  the fraction of anatomy-grounding answers whose first box is the
+               asked anatomy's box exactly as the context writes it (the LM copied it).
+
+Each per-sample row (``score_grounding``, written to ``grounding_{split}_step{N}.jsonl``) holds the
+question as asked, the true and predicted boxes and, for anatomy grounding, the context's box of
+the asked anatomy, so a wrong answer can be diagnosed beside them (``stage2.diagnose``).
 
 (The full metric suite — mAP, NLG and clinical scores, peers' box formats — belongs to
 ``--mode=eval``; these are the numbers training needs.)
@@ -28,7 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from anatomix_jax import anatomy
+from anatomix_jax.evaluation import grounding as eval_grounding
+from anatomix_jax.instruct import schema
 from anatomix_jax.models import anatomix, generate
+from anatomix_jax.ops import boxes as box_ops
 from anatomix_jax.stage2 import prompt
 
 GROUNDING_TASKS = ("Phrase Grounding", "Anatomy Grounding", "Abnormality Detection")
@@ -40,25 +49,6 @@ def parse_boxes(text: str) -> np.ndarray:
   """All ``<box>(x1,y1),(x2,y2)</box>`` spans of a text → float32[K, 4] (K may be 0)."""
   boxes = [[float(v) for v in m.groups()] for m in _BOX.finditer(text)]
   return np.asarray(boxes, np.float32).reshape(-1, 4)
-
-
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """IoU of xyxy boxes a [K, 4] × b [M, 4] → [K, M] (degenerate boxes give 0)."""
-  lt = np.maximum(a[:, None, :2], b[None, :, :2])
-  rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-  inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-  area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=-1)  # noqa: E731
-  union = area(a)[:, None] + area(b)[None, :] - inter
-  return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
-
-
-def sample_iou(predicted: np.ndarray, truth: np.ndarray) -> float | None:
-  """Mean over predicted boxes of the best IoU with a true box; None when nothing was predicted."""
-  if len(predicted) == 0:
-    return None
-  if len(truth) == 0:
-    return 0.0
-  return float(iou_matrix(predicted, truth).max(axis=1).mean())
 
 
 def true_boxes(record: dict[str, Any]) -> np.ndarray:
@@ -105,18 +95,42 @@ def _embed(model, params, tokens, memory, objects):
 
 
 def score_grounding(records: Sequence[dict[str, Any]], answers: Sequence[str],
-                    apm_boxes: np.ndarray) -> list[dict[str, Any]]:
-  """Per-sample grounding results (see the module docstring)."""
+                    apm_boxes: np.ndarray, questions: Sequence[str] | None = None
+                    ) -> list[dict[str, Any]]:
+  """Per-sample grounding results (see the module docstring), with what each answer is judged by.
+
+  Args:
+    records: B instruction records.
+    answers: B generated answers.
+    apm_boxes: float[B, 36, 4] the APM's boxes (xyxy, 1024 canvas), the prompt context's.
+    questions: B instructions as asked (the drawn variant); None: each record's first one.
+
+  Returns:
+    One dict per record: ``id source task question answer true_boxes predicted_boxes expects_box
+    parsed iou``; for anatomy grounding also ``anatomy``, ``apm_box`` (the asked anatomy's box as
+    the context writes it, truncated), ``apm_iou`` (the APM's float box vs the truth),
+    ``apm_box_iou`` (the written box vs the truth) and ``copied`` (the answer's first box equals
+    the context's box).
+  """
   rows = []
   for i, (record, answer) in enumerate(zip(records, answers)):
     truth, predicted = true_boxes(record), parse_boxes(answer)
+    question = (questions[i] if questions is not None
+                else (record.get("instructions") or [None])[0])
     row = {"id": record["id"], "source": record["source"], "task": record["task"],
-           "answer": answer, "expects_box": bool(len(truth)), "parsed": bool(len(predicted)),
-           "iou": sample_iou(predicted, truth) if len(truth) else None}
+           "question": question, "answer": answer, "true_boxes": truth.astype(int).tolist(),
+           "predicted_boxes": predicted.astype(int).tolist(),
+           "expects_box": bool(len(truth)), "parsed": bool(len(predicted)),
+           "iou": eval_grounding.reference_iou(predicted, truth, dtype=None) if len(truth) else None}
     name = record.get("meta", {}).get("anatomy")
     if record["task"] == "Anatomy Grounding" and name in anatomy.NAME_TO_INDEX and len(truth):
       apm_box = apm_boxes[i, anatomy.NAME_TO_INDEX[name]][None]
-      row["apm_iou"] = float(iou_matrix(apm_box, truth[:1])[0, 0])
+      written = parse_boxes(schema.boxed(apm_box[0]))  # as the context line writes it
+      row["anatomy"] = name
+      row["apm_box"] = written.astype(int)[0].tolist()
+      row["apm_iou"] = float(box_ops.iou_matrix(apm_box, truth[:1], dtype=None)[0, 0])
+      row["apm_box_iou"] = float(box_ops.iou_matrix(written, truth[:1], dtype=None)[0, 0])
+      row["copied"] = bool(len(predicted)) and bool(np.array_equal(predicted[0], written[0]))
     rows.append(row)
   return rows
 
@@ -139,6 +153,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
   if apm:
     out["anatomy_grounding_iou"] = float(np.mean([r["iou"] or 0.0 for r in apm]))
     out["apm_anatomy_iou"] = float(np.mean([r["apm_iou"] for r in apm]))
+    out["anatomy_grounding_copy_rate"] = float(np.mean([r.get("copied", False) for r in apm]))
   for task in sorted({r["task"] for r in rows}):
     sel = [r for r in rows if r["task"] == task]
     out[f"parse_rate/{task}"] = float(np.mean([r["parsed"] for r in sel]))

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from anatomix_jax.stage2 import grounding as evaluate, task as loop, prompt
+from anatomix_jax.stage2 import grounding, prompt, task
 from anatomix_jax.core import checkpointing
 
 
@@ -37,7 +37,10 @@ def training_config(workdir: str, step: int | None = None
   if meta.get("stage") != "stage2":
     raise ValueError(f"{workdir}/checkpoints/{step} is a {meta.get('stage')} checkpoint; "
                      "--mode=eval/predict take a stage-2 workdir")
-  return ml_collections.ConfigDict(meta["config"]), step
+  saved = dict(meta["config"])
+  if "phase" not in saved and saved.get("step") in ("align", "finetune"):
+    saved["phase"] = saved.pop("step")  # checkpoints written before ``step`` became ``phase``
+  return ml_collections.ConfigDict(saved), step
 
 
 @dataclasses.dataclass
@@ -45,12 +48,12 @@ class Trained:
   """A stage-2 run with its params restored.
 
   Attributes:
-    run: the ``loop.Stage2`` (model, tokenizer, frozen APM, batcher, mesh).
+    run: the ``task.Stage2Task`` (model, tokenizer, frozen APM, batcher, mesh).
     params: all params (frozen base + trained leaves), placed on ``run.mesh``.
     step: the checkpoint's step.
   """
 
-  run: loop.Stage2
+  run: task.Stage2Task
   params: Any
   step: int
 
@@ -84,7 +87,7 @@ class Trained:
     if keep:
       rows = np.asarray(keep)
       with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-        raw = evaluate.generate_answers(
+        raw = grounding.generate_answers(
             run.model, self.params, run.tok, encoded,
             {k: features[k][rows] for k in ("memory", "objects")}, max_new_tokens,
             run.batcher.buckets)
@@ -129,7 +132,7 @@ def load(config: Any, workdir: str, *, step: int | None = None,
         for name in parents:
           node = node[name]
         node[leaf] = value
-  run = loop.Stage2(train_cfg, workdir, needs_data=False)
+  run = task.Stage2Task(train_cfg, workdir, needs_data=False)
   try:
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
       params, step = run.restore_params(step)

@@ -20,6 +20,23 @@ What the reference does for one sample (``InstructionData.process_messages``,
 6. labels: from the token after ``<start_of_turn>model`` through the first ``<end_of_turn>``, minus
    ``<image> <image_start> <image_end> <emb> </emb> <obj_i>`` and pad, shifted left by one.
 
+Context ablations (``data.context``, REFERENCE.md §6.2 "Ablations in the code"): ``"full"`` is the
+above; the others replace the context by a fixed text rendered like the reference's
+``get_default_context`` (header lines, one line per anatomy, a trailing newline) and inserted as
+that function's output is, i.e. not stripped (a blank line before ``Task:``), with the APM's boxes
+filled in and no retrieved sentence:
+
+- ``"names"``: ``get_default_context()`` — ``emb:<emb><obj_i></emb> box:<box>(x1,y1),(x2,y2)</box>
+  {anatomy name}`` (the benchmark's ``_default_context_only`` vs ``_retrieve_sentences``);
+- ``"only_emb"``: ``get_default_context(only_embeddings=True)`` — ``Image: <image_start>`` then
+  ``emb:<emb><obj_i></emb>`` lines, no ``Likely findings:`` (``only_emb_context``);
+- ``"skip"``: ``Image: <image_start>`` alone (``skip_context``). The reference's implementation of
+  this flag (``LLMData``) is not in its release; the image line has to stay (it carries the image
+  tokens), and ``Likely findings:`` goes, as in ``get_default_context(only_embeddings=True)``.
+
+Context dropout only applies to ``"full"`` (the others are already a fixed context); its draw is
+still made, so the other draws stay the same.
+
 Loss convention here: ``targets[t] = input_ids[t + 1]`` and ``loss_mask[t]`` says whether that
 prediction is in the loss (the reference's shifted labels ≠ −100). So a causal-LM loss over
 ``logits[:, :-1]`` vs ``input_ids[:, 1:]`` weights pair ``t`` by ``loss_mask[:, t]``; the last
@@ -27,7 +44,8 @@ position never counts. ``stage2.steps`` takes ``targets`` and ``weights`` (= ``l
 they are.
 
 Axes: T tokens of one example, B batch rows, L padded length (a bucket), K context anatomies,
-N image tokens (the APM's patches: 1024 for the paper, fewer in the CPU demo).
+N image tokens (the APM's patches: 1024 for the paper, fewer in the CPU demo; 1, its CLS
+embedding, with ``lm.image_tokens = "cls"``).
 """
 
 from __future__ import annotations
@@ -59,6 +77,8 @@ SYSTEM_PROMPTS = (
 EVAL_SYSTEM_PROMPTS = ("",)  # the reference's benchmark scripts
 
 CONTEXT_HEADER = ("Image: <image_start>", "Likely findings:")
+# data.context: what the user turn's context holds (module docstring).
+CONTEXTS = ("full", "skip", "only_emb", "names")
 GENERATION_PROMPT = "<start_of_turn>model\n"
 TRUNCATION = ("error", "left_context", "drop")
 _PLACEHOLDER = re.compile(r"__BOX(\d+)__")
@@ -75,16 +95,33 @@ def default_context(num_anatomies: int = anatomy.NUM_ANATOMIES) -> str:
   return "\n".join(CONTEXT_HEADER) + "\n" + "\n".join(lines) + "\n"
 
 
-def finding_lines(boxes: Any, sentences: Sequence[str]) -> tuple[str, ...]:
+def check_context(context: str) -> str:
+  """``context`` if it is one of ``CONTEXTS``, else ValueError."""
+  if context not in CONTEXTS:
+    raise ValueError(f"data.context must be one of {CONTEXTS}, got {context!r}")
+  return context
+
+
+def context_header(context: str = "full") -> tuple[str, ...]:
+  """The lines before the findings: ``Likely findings:`` only where findings have text."""
+  return CONTEXT_HEADER if check_context(context) in ("full", "names") else CONTEXT_HEADER[:1]
+
+
+def finding_lines(boxes: Any, sentences: Sequence[str],
+                  context: str = "full") -> tuple[str, ...]:
   """One context line per anatomy: ``emb:<emb><obj_i></emb> box:<box>(x1,y1),(x2,y2)</box> {s_i}``.
 
   Args:
     boxes: float[K, 4] xyxy pixels of the 1024 canvas (K ≤ 36), anatomy order.
     sentences: K retrieved sentences, anatomy order.
+    context: ``"full"`` (the above); ``"names"``: the anatomy name instead of ``s_i``;
+      ``"only_emb"``: ``emb:<emb><obj_i></emb>`` alone; ``"skip"``: no lines.
 
   Raises:
-    ValueError: shapes disagree, K > 36, a non-finite box or a non-string sentence.
+    ValueError: shapes disagree, K > 36, a non-finite box or a non-string sentence, an unknown
+      ``context``.
   """
+  check_context(context)
   boxes = np.asarray(boxes, dtype=np.float64)
   if boxes.ndim != 2 or boxes.shape[1] != 4:
     raise ValueError(f"boxes must be [K, 4] xyxy, got shape {boxes.shape}")
@@ -96,8 +133,12 @@ def finding_lines(boxes: Any, sentences: Sequence[str]) -> tuple[str, ...]:
   for i, (box, sentence) in enumerate(zip(boxes, sentences)):
     if not isinstance(sentence, str):
       raise ValueError(f"sentence {i} must be a string, got {type(sentence).__name__}")
-    lines.append(f"emb:<emb><obj_{i}></emb> box:{schema.boxed(box)} {sentence}")
-  return tuple(lines)
+    if context == "only_emb":
+      lines.append(f"emb:<emb><obj_{i}></emb>")
+    else:
+      text = anatomy.ANATOMY_NAMES[i] if context == "names" else sentence
+      lines.append(f"emb:<emb><obj_{i}></emb> box:{schema.boxed(box)} {text}")
+  return () if context == "skip" else tuple(lines)
 
 
 def render_context(boxes: Any, sentences: Sequence[str]) -> str:
@@ -160,6 +201,7 @@ class Example:
     response: the drawn response, placeholders filled (kept for evaluation when not in the prompt).
     with_answer: the assistant turn is in the text (training); else the generation prompt is.
     num_image_tokens: N.
+    context_mode: ``data.context`` (``CONTEXTS``); ``findings`` are already rendered for it.
   """
 
   id: str
@@ -170,11 +212,13 @@ class Example:
   response: str
   with_answer: bool
   num_image_tokens: int
+  context_mode: str = "full"
 
   def context(self, num_findings: int | None = None) -> str:
     """The context with the first ``num_findings`` lines (all by default)."""
     lines = self.findings if num_findings is None else self.findings[:num_findings]
-    return "\n".join(CONTEXT_HEADER + lines) + ("\n" if self.context_dropped else "")
+    fixed = self.context_dropped or self.context_mode != "full"  # not stripped: a blank line
+    return "\n".join(context_header(self.context_mode) + lines) + ("\n" if fixed else "")
 
   def user(self, num_findings: int | None = None) -> str:
     return f"{self.context(num_findings)}\nTask: {self.instruction}"
@@ -192,7 +236,8 @@ class Example:
 def build_example(record: Mapping[str, Any], boxes: Any, sentences: Sequence[str],
                   rng: np.random.Generator, *, system_prompts: Sequence[str],
                   context_drop_ratio: float, num_image_tokens: int, answer: bool = True,
-                  response_boxes: Sequence[Sequence[float]] | None = None) -> Example:
+                  response_boxes: Sequence[Sequence[float]] | None = None,
+                  context: str = "full") -> Example:
   """Draws and fills one conversation for a record (the reference's random draws, in its order).
 
   Args:
@@ -206,25 +251,27 @@ def build_example(record: Mapping[str, Any], boxes: Any, sentences: Sequence[str
     answer: put the response in the text (training/scoring) or the generation prompt.
     response_boxes: boxes for the response's ``__BOX{i}__`` (default ``record["boxes"]``; pass the
       augmented boxes when the image was transformed).
+    context: ``data.context`` (``CONTEXTS``, module docstring); dropout applies to "full" only.
 
   Raises:
-    ValueError: no system prompts, N < 1, a placeholder without a box, bad boxes/sentences.
+    ValueError: no system prompts, N < 1, a placeholder without a box, bad boxes/sentences, an
+      unknown context.
   """
   where = f"record {record.get('id', '?')!r}"
   if not system_prompts:
     raise ValueError(f"{where}: system_prompts is empty (use ('',) for no system prompt)")
   if num_image_tokens < 1:
     raise ValueError(f"num_image_tokens must be ≥ 1, got {num_image_tokens}")
-  findings = finding_lines(boxes, sentences)
+  findings = finding_lines(boxes, sentences, context)
   system = system_prompts[int(rng.integers(len(system_prompts)))]
-  dropped = not rng.random() > context_drop_ratio
+  dropped = not rng.random() > context_drop_ratio and context == "full"
   instruction = record["instructions"][int(rng.integers(len(record["instructions"])))]
   response = record["responses"][int(rng.integers(len(record["responses"])))]
   response = fill_placeholders(
       response, record.get("boxes") if response_boxes is None else response_boxes, where)
   return Example(id=str(record["id"]), system=system, findings=findings, context_dropped=dropped,
                  instruction=instruction, response=response, with_answer=answer,
-                 num_image_tokens=num_image_tokens)
+                 num_image_tokens=num_image_tokens, context_mode=context)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,7 +301,7 @@ class Encoded:
     return int(self.input_ids.shape[0])
 
 
-def _find(ids: np.ndarray, pattern: Sequence[int]) -> int:
+def find_tokens(ids: np.ndarray, pattern: Sequence[int]) -> int:
   """First index where ``pattern`` starts in ``ids``, or −1."""
   n = len(pattern)
   hits = np.nonzero(ids[:len(ids) - n + 1] == pattern[0])[0]
@@ -275,7 +322,7 @@ def _encode_once(tok: tokenizer_lib.TokenizerInfo, example: Example, num_finding
                      f"{example.num_image_tokens} (one <image_start> per prompt)")
   labelled = np.zeros(ids.shape, bool)
   if example.with_answer:
-    turn = _find(ids, tok.model_turn_ids)
+    turn = find_tokens(ids, tok.model_turn_ids)
     if turn < 0:
       raise ValueError(f"example {example.id!r}: no '<start_of_turn>model' in the tokens")
     start = turn + len(tok.model_turn_ids)

@@ -1,6 +1,6 @@
 """Stage-2 training: which parameters train, the optimizer, and the pure jitted step.
 
-Step 1 "align" trains the projection heads only; step 2 "finetune" trains LoRA, the projection
+Phase 1 "align" trains the projection heads only; phase 2 "finetune" trains LoRA, the projection
 heads and the (tied) embedding/output table — PEFT's ``modules_to_save=['lm_head','embed_tokens']``
 is one table in Gemma3 (REFERENCE.md §1.4). The param tree is split once into a trainable and a
 frozen part: the train state (and so the optimizer state and the checkpoints) holds only the
@@ -34,7 +34,8 @@ GROUPS: dict[str, Callable[[str], bool]] = {
     "lora": lambda path: path.rsplit("/", 1)[-1] in LORA_LEAVES,
     "embedding": lambda path: path == EMBEDDING_PATH,
 }
-STEP_GROUPS = {"align": ("projection",), "finetune": ("projection", "lora", "embedding")}
+# What each training phase trains (config.phase).
+PHASE_GROUPS = {"align": ("projection",), "finetune": ("projection", "lora", "embedding")}
 
 
 @flax.struct.dataclass

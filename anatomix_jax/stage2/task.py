@@ -1,34 +1,31 @@
-"""Stage-2 training loop (align or finetune): data → frozen APM → prompts → jitted LM step.
+"""Stage 2 (align or finetune) as a task of the shared loop (``core.loop``).
 
 Per step: a Grain batch of images + records → the frozen APM (boxes, embeddings, retrieved
 sentences) → prompts rendered and tokenized on the host, padded to a length bucket → the pure,
 sharded ``train_step(state, frozen, batch, rng)``. The state holds only the trainable leaves; the
 frozen base comes from the base model directory each run (the checkpoint's ``meta`` names it).
-Checkpoints (Orbax composite: state, data iterator position incl. the mixture, meta) are written
-every ``train.checkpoint_every`` steps and on SIGTERM; a run resumes from its workdir.
+Cadence, checkpoints (Orbax composite: state, data iterator position incl. the mixture, meta),
+the best checkpoint, resuming and SIGTERM are the shared loop's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from anatomix_jax.convert import hf_gemma3
-from anatomix_jax.models import anatomix, lora as lora_lib
-from anatomix_jax.stage2 import (batching, data, grounding as evaluate, frozen_apm, prompt, steps, tokenizer)
+from anatomix_jax.core import checkpointing, loop as core_loop, sharding as sharding_lib
+from anatomix_jax.models import anatomix, gemma3_config, lora as lora_lib
+from anatomix_jax.stage2 import batching, data, frozen_apm, grounding, prompt, steps, tokenizer
 from anatomix_jax.stage2.demo import data as demo_data, lm as demo_lm
-from anatomix_jax.core import checkpointing, sharding as sharding_lib
-from anatomix_jax.core.writers import MetricWriter
 
 BASE_DIR = "base_lm"  # where a demo run keeps the tiny base LM it made (HF format)
 _TIMERS = ("apm_s", "host_s", "lm_s")
@@ -41,22 +38,49 @@ def base_model_dir(config: Any, workdir: str) -> str:
   if not config.lm.demo.enabled:
     raise ValueError("lm.model_dir is empty: set it to a local MedGemma / Gemma3 directory "
                      "(or use a :demo config)")
-  if config.step == "finetune":
+  if config.phase == "finetune":
     if not config.init_from:
       raise ValueError("the finetune demo needs init_from = the align demo's workdir")
     return os.path.join(config.init_from, BASE_DIR)
   return os.path.join(workdir, BASE_DIR)
 
 
-class Stage2:
-  """What a stage-2 run needs: APM, tokenizer, model, shardings, optimizer, checkpointer."""
+def check_receptive_field(lm: Any, longest: int, where: str) -> None:
+  """Refuses an LM whose answers cannot attend to the start of the longest prompt.
+
+  With only sliding-window layers, a token sees ``sliding_window`` tokens back per layer; the
+  answer must read context lines ~1,400 tokens (demo) or ~3,000 (paper) earlier, so at least one
+  full-attention layer, or a window as long as the longest bucket, is needed (MedGemma: a full
+  layer every 6th). Found by the stage-2 learning diagnosis: a 4-layer demo LM with Gemma3's
+  default pattern had no full layer and a 512-token window.
+
+  Raises:
+    ValueError: naming the model directory, its layer types and window, and the bucket.
+  """
+  if gemma3_config.FULL not in lm.layer_types and lm.sliding_window < longest:
+    raise ValueError(
+        f"{where}: every layer is a sliding-window layer (window {lm.sliding_window}) but prompts "
+        f"are up to {longest} tokens (data.buckets): answers could not attend to the start of "
+        "the context. Use a model with full-attention layers (config.json layer_types) or a "
+        "window ≥ the longest bucket")
+
+
+class Stage2Task:
+  """What a stage-2 run needs: APM, tokenizer, model, shardings, optimizer, checkpointer.
+
+  Implements ``core.loop.Task`` for training; eval, predict and export use the same object.
+  """
+
+  name = "stage2"
+  log_keys = ("loss", "grad_norm", "step_s", "apm_s_per_step", "host_s_per_step",
+              "lm_s_per_step", "tokens_per_s")
 
   def __init__(self, config: Any, workdir: str, needs_data: bool = True):
     """``needs_data``: False for runs that read no instruction data (prediction)."""
     c = self.config = config
     self.workdir = workdir
-    if c.step not in steps.STEP_GROUPS:
-      raise ValueError(f"step {c.step!r} is not one of {sorted(steps.STEP_GROUPS)}")
+    if c.phase not in steps.PHASE_GROUPS:
+      raise ValueError(f"phase {c.phase!r} is not one of {sorted(steps.PHASE_GROUPS)}")
     if not c.apm.workdir:
       raise ValueError("apm.workdir is empty: point it at a trained stage-1 workdir")
     if needs_data and not c.data.dir:
@@ -67,18 +91,20 @@ class Stage2:
     self.rules = tuple(tuple(r) for r in c.sharding_rules)
     self.host_batch = sharding_lib.check_global_batch(c.train.batch_size, self.mesh, self.rules)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh, self.rules)
-    self.apm = frozen_apm.FrozenAPM(c.apm.workdir, c.apm.rag_dir, c.apm.checkpoint)
+    self.apm = frozen_apm.FrozenAPM(c.apm.workdir, c.apm.rag_dir, c.apm.checkpoint,
+                                    image_tokens=c.lm.get("image_tokens", "patches"))
     self.base_dir = base_model_dir(c, workdir)
-    if c.lm.demo.enabled and c.step == "align" and not os.path.isdir(self.base_dir):
+    if c.lm.demo.enabled and c.phase == "align" and not os.path.isdir(self.base_dir):
       demo_lm.make_base(self.base_dir, c, self.apm)
     self.tok = tokenizer.load_tokenizer(c.lm.tokenizer_dir or self.base_dir)
-    self.groups = steps.STEP_GROUPS[c.step]
+    self.groups = steps.PHASE_GROUPS[c.phase]
     spec = lora_lib.LoraSpec(**c.lm.lora.to_dict()) if "lora" in self.groups else lora_lib.LoraSpec()
     self.file_lm_config, _ = hf_gemma3.read_config(self.base_dir, dtype=c.lm.dtype,
                                                    param_dtype=c.lm.param_dtype,
                                                    remat=c.lm.remat, lora=spec,
                                                    scan_layers=c.lm.scan_layers)
     lm_config = self.file_lm_config
+    check_receptive_field(lm_config, max(c.data.buckets), self.base_dir)
     # The 45 stage-2 tokens need embedding rows. MedGemma's table (262,208 rows) already holds
     # its 262,190 tokens, so the reference never resizes; a smaller table grows here (to a
     # multiple of 64), new rows = the mean of the old ones (HF's mean resizing).
@@ -94,7 +120,9 @@ class Stage2:
         bidirectional_image=c.lm.bidirectional_image)
     self.model = anatomix.AnatomiX(self.model_config)
     # The schedule's length only matters to training (the optimizer state's shapes do not use it).
-    self.num_steps = self._num_steps() if needs_data else 1
+    self.steps_per_epoch = self._steps_per_epoch() if needs_data else 1
+    self.num_steps = (int(c.train.num_steps) if c.train.num_steps > 0
+                      else max(c.train.epochs * self.steps_per_epoch, 1))
     self.tx = steps.make_optimizer(c.optim, self.num_steps)
     # Shardings from the logical axis names (boxed abstract params; the optimizer state inherits
     # its params' boxes), as in stage 1.
@@ -105,24 +133,101 @@ class Stage2:
                                                 boxed_train))
     self.frozen_shardings = shard(boxed_frozen)
     self.param_shardings = anatomix.combine(self.state_shardings.params, self.frozen_shardings)
-    self.batcher = batching.HostBatcher(self.tok, c.data, self.apm.num_patches, seed=c.seed)
-    self.checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                                   keep=c.train.keep_checkpoints)
+    self.batcher = batching.HostBatcher(self.tok, c.data, self.apm.num_image_tokens, seed=c.seed)
+    self.checkpointer = checkpointing.Checkpointer.for_run(workdir, c.train)
+    self.frozen, self._trainable, self._abstract_state = None, None, None
+    self._eval_step = None
 
-  def _num_steps(self) -> int:
+  def _steps_per_epoch(self) -> int:
+    """Global batches in one pass over the train records of the mixture's sources."""
     c = self.config
-    if c.train.num_steps > 0:
-      return int(c.train.num_steps)
     weights = {k: v for k, v in c.data.weights.items() if v > 0}
     n = sum(len(data.load_records(c.data.dir, s, c.data.train_split, c.data.tasks or None))
             for s in weights)
-    return max(c.train.epochs * n // c.train.batch_size, 1)
+    return max(n // c.train.batch_size, 1)
 
-  def meta(self, step: int) -> dict:
-    return {"step": int(step), "stage": "stage2", "step_name": self.config.step,
-            "base_model_dir": os.path.abspath(self.base_dir), "apm_step": self.apm.step,
-            "trainable_groups": list(self.groups),
-            "config": json.loads(self.config.to_json_best_effort())}
+  # --- core.loop.Task ----------------------------------------------------------------------------
+
+  def model_signature(self) -> dict:
+    """The trained leaves' layout: phase, heads, LoRA and the base LM's shape."""
+    lm = self.model_config.lm
+    return {"phase": self.config.phase, "trainable_groups": list(self.groups),
+            "projection_hidden": int(self.config.lm.projection_hidden),
+            "bidirectional_image": bool(self.config.lm.bidirectional_image),
+            "lora": ({"rank": lm.lora.rank, "alpha": lm.lora.alpha,
+                      "targets": sorted(lm.lora.targets)} if "lora" in self.groups else None),
+            "base": {"vocab_size": lm.vocab_size, "hidden_size": lm.hidden_size,
+                     "num_layers": lm.num_hidden_layers}}
+
+  def meta(self) -> dict:
+    return {"phase": self.config.phase, "base_model_dir": os.path.abspath(self.base_dir),
+            "apm_step": self.apm.step, "trainable_groups": list(self.groups),
+            "num_steps": self.num_steps}
+
+  def train_iterator(self):
+    return iter(self.dataset(self.config.data.train_split, train=True))
+
+  def setup(self) -> None:
+    """Loads the frozen base and the fresh (or align-initialised) trainable leaves."""
+    self._trainable, self.frozen = self.load_frozen_and_trainable()
+    self._abstract_state = self.abstract_state_of(self._trainable)
+    n_train = sum(x.size for x in jax.tree.leaves(self._trainable))
+    n_frozen = sum(x.size for x in jax.tree.leaves(self.frozen))
+    logging.info("stage 2 %s: %d trainable / %d frozen parameters, global batch %d",
+                 self.config.phase, n_train, n_frozen, self.config.train.batch_size)
+
+  def init_state(self):
+    trainable, self._trainable = self._trainable, None  # the state owns them from here on
+    return jax.jit(lambda p: steps.init_state(p, self.tx),
+                   out_shardings=self.state_shardings)(trainable)
+
+  def abstract_state(self):
+    self._trainable = None  # a restore replaces them
+    return self._abstract_state
+
+  def abstract_state_of(self, trainable: Any) -> Any:
+    """The restore target of a state around ``trainable`` (shapes, dtypes, the state shardings)."""
+    shapes = jax.eval_shape(lambda p: steps.init_state(p, self.tx), trainable)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                        self.state_shardings)
+
+  def make_train_step(self):
+    step_fn = steps.jit_train_step(
+        steps.make_train_step(self.model, self.tx, self.config.train.loss_chunk),
+        self.state_shardings, self.frozen_shardings, self.batch_sharding, self.mesh)
+    rng = jax.random.key(self.config.seed + 1)
+
+    def train_step(state, local, step):
+      timing = dict.fromkeys(_TIMERS, 0.0)
+      batch, stats = self.device_batch(local, step, train=True, timing=timing)
+      t0 = time.time()
+      state, metrics = step_fn(state, self.frozen, batch, rng)
+      # Wait for the step, so the timers split APM / prompt / LM time truthfully (the next
+      # APM call would wait for it anyway: one device stream).
+      jax.block_until_ready(metrics)
+      timing["lm_s"] = time.time() - t0
+      return state, metrics, {**stats, **timing}
+
+    return train_step
+
+  def log_extras(self, stats: list[dict], elapsed_s: float, steps: int) -> dict:
+    out = {k: float(np.mean([s[k] for s in stats])) for k in ("tokens_real", "dropped")}
+    out["tokens_per_s"] = float(np.sum([s["tokens_padded"] for s in stats])) / elapsed_s
+    out["step_s"] = elapsed_s / steps
+    for key in _TIMERS:
+      out[f"{key}_per_step"] = float(np.sum([s[key] for s in stats])) / steps
+    return out
+
+  def evaluate(self, state, step: int) -> dict:
+    if self._eval_step is None:
+      self._eval_step = jax.jit(steps.make_eval_step(self.model, self.config.train.loss_chunk))
+    return run_eval(self, state, self.frozen, self._eval_step, step)
+
+  def report(self, metrics: dict) -> None:
+    if jax.process_index() == 0:
+      logging.info("final %s metrics at step %d: %s", self.config.data.eval_split,
+                   metrics["step"], " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                             if "/" not in k and isinstance(v, float)))
 
   # --- data --------------------------------------------------------------------------------------
 
@@ -183,7 +288,7 @@ class Stage2:
         lambda path: not path.startswith("lm/") or path.endswith(lora_lib.LORA_LEAVES),
         self.param_shardings)
     params = anatomix.combine({"lm": base}, fresh)
-    if from_init and c.init_from and c.step == "finetune":
+    if from_init and c.init_from and c.phase == "finetune":
       params = self._with_align_heads(params)
     return steps.split(params, self.groups)
 
@@ -197,9 +302,7 @@ class Stage2:
       raise FileNotFoundError(f"no stage-2 checkpoint{'' if step is None else f' of step {step}'}"
                               f" in {self.checkpointer.directory}: train stage 2 first")
     trainable, frozen = self.load_frozen_and_trainable(from_init=False)
-    template = jax.jit(lambda p: steps.init_state(p, self.tx),
-                       out_shardings=self.state_shardings)(trainable)
-    state, _ = self.checkpointer.restore(step, abstract_like(template), None)
+    state, _ = self.checkpointer.restore(step, self.abstract_state_of(trainable), None)
     return anatomix.combine(frozen, state.params), step
 
   def _with_align_heads(self, params: Any) -> Any:
@@ -228,7 +331,7 @@ def abstract_like(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def run_eval(run: Stage2, state: steps.Stage2State, frozen: Any, eval_step: Any,
+def run_eval(run: Stage2Task, state: steps.Stage2State, frozen: Any, eval_step: Any,
              step: int) -> dict:
   """Validation loss over the mixture's eval split and, for grounding tasks in the mixture,
   generation-based grounding metrics (``evaluate``); writes per-sample JSONL (process 0)."""
@@ -239,25 +342,26 @@ def run_eval(run: Stage2, state: steps.Stage2State, frozen: Any, eval_step: Any,
     out = jax.device_get(eval_step(state, frozen, batch))
     loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
   metrics = {"loss": loss_sum / max(tokens, 1.0), "tokens": tokens}
-  tasks = [t for t in evaluate.GROUNDING_TASKS if not c.data.tasks or t in c.data.tasks]
+  tasks = [t for t in grounding.GROUNDING_TASKS if not c.data.tasks or t in c.data.tasks]
   rows: list[dict] = []
   try:
-    grounding = run.dataset(c.data.eval_split, train=False, tasks=tasks)
+    grounding_batches = run.dataset(c.data.eval_split, train=False, tasks=tasks)
   except data.InstructionDataError:
-    grounding = []  # no grounding records in this step's mixture
+    grounding_batches = []  # no grounding records in this step's mixture
   params = anatomix.combine(frozen, state.params)
-  for local in grounding:
+  for local in grounding_batches:
     features = run.apm(local["image"])
     keep = [i for i, v in enumerate(local["valid"]) if v]
     examples = run.batcher.examples(local["records"], features, step, train=False, answer=False)
     encoded = [prompt.encode(run.tok, examples[i]) for i in keep]
-    answers = evaluate.generate_answers(
+    answers = grounding.generate_answers(
         run.model, params, run.tok, encoded,
         {k: features[k][np.asarray(keep)] for k in ("memory", "objects")},
         c.eval.max_new_tokens, run.batcher.buckets)
-    rows += evaluate.score_grounding([local["records"][i] for i in keep], answers,
-                                     features["boxes"][keep])
-  metrics.update(evaluate.summarize(rows))
+    rows += grounding.score_grounding([local["records"][i] for i in keep], answers,
+                                     features["boxes"][keep],
+                                     questions=[examples[i].instruction for i in keep])
+  metrics.update(grounding.summarize(rows))
   if rows and jax.process_index() == 0:
     path = os.path.join(run.workdir, f"grounding_{c.data.eval_split}_step{step}.jsonl")
     with open(path, "w", encoding="utf-8") as f:
@@ -267,92 +371,6 @@ def run_eval(run: Stage2, state: steps.Stage2State, frozen: Any, eval_step: Any,
 
 
 def train(config: Any, workdir: str) -> dict:
-  """Trains one stage-2 step, resuming from ``{workdir}/checkpoints``; returns the last metrics."""
-  run = Stage2(config, workdir)
-  c = config
-  train_iter = iter(run.dataset(c.data.train_split, train=True))
-  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-    trainable, frozen = run.load_frozen_and_trainable()
-    state = jax.jit(lambda p: steps.init_state(p, run.tx),
-                    out_shardings=run.state_shardings)(trainable)
-    start = run.checkpointer.latest_step()
-    if start is not None:
-      state, _ = run.checkpointer.restore(start, abstract_like(state), train_iter)
-      logging.info("resumed from %s at step %d", run.checkpointer.directory, start)
-    start = start or 0
-    n_train = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
-    n_frozen = sum(math.prod(x.shape) for x in jax.tree.leaves(frozen))
-    logging.info("stage 2 %s: %d trainable / %d frozen parameters, %d steps, global batch %d",
-                 c.step, n_train, n_frozen, run.num_steps, c.train.batch_size)
-    chunk = c.train.loss_chunk
-    train_step = steps.jit_train_step(steps.make_train_step(run.model, run.tx, chunk),
-                                      run.state_shardings, run.frozen_shardings,
-                                      run.batch_sharding, run.mesh)
-    eval_step = jax.jit(steps.make_eval_step(run.model, chunk))
-    writer = MetricWriter(workdir)
-    watcher = checkpointing.PreemptionWatcher()
-    rng = jax.random.key(c.seed + 1)
-    pending, t_log, step_log, timing = [], time.time(), start, dict.fromkeys(_TIMERS, 0.0)
-    step, last = start, {}
-    try:
-      while step < run.num_steps:
-        batch, stats = run.device_batch(next(train_iter), step, train=True, timing=timing)
-        t2 = time.time()
-        state, metrics = train_step(state, frozen, batch, rng)
-        # Wait for the step, so the timers split APM / prompt / LM time truthfully (the next
-        # APM call would wait for it anyway: one device stream).
-        jax.block_until_ready(metrics)
-        timing["lm_s"] += time.time() - t2
-        step += 1
-        pending.append({**metrics, **stats})
-        if step % c.train.log_every == 0 or step == run.num_steps:
-          last = _log(writer, pending, step, step_log, t_log, run, timing)
-          pending, t_log, step_log = [], time.time(), step
-          timing = dict.fromkeys(_TIMERS, 0.0)
-        evaluated = (c.train.eval_every > 0 and step % c.train.eval_every == 0) or (
-            step == run.num_steps)
-        if evaluated:
-          last = {**last, **{f"val/{k}": v for k, v in
-                             run_eval(run, state, frozen, eval_step, step).items()}}
-          writer.write(step, "val", {k[4:]: v for k, v in last.items() if k.startswith("val/")})
-          logging.info("eval step %d (%s): %s", step, c.data.eval_split,
-                       " ".join(f"{k}={v:.4f}" for k, v in last.items()
-                                if k.startswith("val/") and "/" not in k[4:]))
-        if step % c.train.checkpoint_every == 0 or step == run.num_steps:
-          run.checkpointer.save(step, state, train_iter, run.meta(step))
-        if watcher.should_stop(step):
-          if run.checkpointer.latest_step() != step:
-            run.checkpointer.save(step, state, train_iter, run.meta(step), force=True)
-          run.checkpointer.wait()
-          logging.warning("preempted: checkpoint of step %d saved; exiting", step)
-          return {"preempted": True, "step": step}
-    finally:
-      run.checkpointer.close()
-      writer.close()
-      watcher.close()
-  last["step"] = step
-  return last
-
-
-def _log(writer: MetricWriter, pending: list, step: int, step_log: int, t_log: float,
-         run: Stage2, timing: dict) -> dict:
-  host = jax.device_get(pending)
-  if any(int(m["nonfinite"]) for m in host):
-    raise FloatingPointError(
-        f"non-finite loss or gradient between steps {step_log + 1} and {step}: those updates were "
-        f"not applied; nothing after checkpoint {run.checkpointer.latest_step()} was saved")
-  mean = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "nonfinite"}
-  elapsed = max(time.time() - t_log, 1e-9)
-  n = step - step_log
-  mean["tokens_per_s"] = float(np.sum([m["tokens_padded"] for m in host])) / elapsed
-  mean["step_s"] = elapsed / n
-  for key in _TIMERS:
-    mean[f"{key}_per_step"] = timing[key] / n
-  writer.write(step, "train", mean)
-  logging.info("step %d/%d loss=%.4f grad_norm=%.3f %.2f s/step (APM %.3f s, prompts %.3f s, "
-               "LM %.2f s) %.0f tokens/s", step, run.num_steps, mean["loss"], mean["grad_norm"],
-               mean["step_s"], mean["apm_s_per_step"], mean["host_s_per_step"],
-               mean["lm_s_per_step"], mean["tokens_per_s"])
-  return mean
-
-
+  """Trains one stage-2 phase, resuming from ``{workdir}/checkpoints``; returns the last
+  evaluation's metrics."""
+  return core_loop.train(Stage2Task(config, workdir))

@@ -16,10 +16,11 @@ import os
 import shutil
 from typing import Any
 
+import ml_collections
 from absl import logging
 
 from anatomix_jax.instruct import mimic
-from anatomix_jax.stage2 import frozen_apm
+from anatomix_jax.stage1 import load as stage1_load
 from anatomix_jax.synthetic import generator, instructions
 
 DIR_NAME = "instructions"
@@ -27,7 +28,8 @@ DIR_NAME = "instructions"
 
 def synthetic_root(apm_workdir: str) -> str:
   """Where the stage-1 demo keeps its generated raw dataset."""
-  config, _ = frozen_apm.stage1_config(apm_workdir)
+  meta, _ = stage1_load.read_meta(apm_workdir)
+  config = ml_collections.ConfigDict(meta["config"])
   if config.data.records_dir:
     raise ValueError(f"the stage-1 run in {apm_workdir} trained on real records "
                      f"({config.data.records_dir}); set data.dir to real instruction data")

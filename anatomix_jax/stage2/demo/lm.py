@@ -7,15 +7,21 @@ the same format MedGemma arrives in — so everything downstream (loading, LoRA,
 real code path. Standing in for MedGemma's pretraining, the tiny LM is first trained as a plain
 language model (all weights, ``lm.demo.pretrain_steps``) on the demo's conversations without
 images or context, so that the align and finetune steps start from a model that knows the
-language of the answers, as the paper's do.
+language of the answers, as the paper's do; then (``lm.demo.context_pretrain_steps``) on text-only
+prompts in the stage-2 format with a few context lines (the frozen APM's boxes and retrieved
+sentences, the asked anatomy's line holding its true box), with the loss on the answer: MedGemma
+brings the ability to read a context and copy from it; a tiny LM has to be taught it, and long
+stage-2 prompts are too slow a way to do that on a CPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +36,7 @@ from anatomix_jax.stage2 import data, prompt, tokenizer
 
 PRETRAIN_LEN = 128
 PRETRAIN_BATCH = 16
+CONTEXT_LEN = 448  # padded length of a context-pretraining row (longer examples are dropped)
 
 
 def conversations(config: Any) -> list[str]:
@@ -46,39 +53,114 @@ def conversations(config: Any) -> list[str]:
   return out
 
 
-def pretrain(params: Any, lm: gemma3.Gemma3Config, tok: Any, texts: list[str], steps: int,
-             lr: float, seed: int) -> Any:
-  """Trains all weights as a causal LM on ``texts`` packed into rows of PRETRAIN_LEN tokens."""
-  ids = []
-  for text in texts:
-    ids.extend(tok.tokenizer(text, add_special_tokens=False)["input_ids"] + [tok.eos_id])
-  rows = np.asarray(ids[:len(ids) // PRETRAIN_LEN * PRETRAIN_LEN], np.int32).reshape(
-      -1, PRETRAIN_LEN)
-  if len(rows) < PRETRAIN_BATCH:
-    raise ValueError(f"{len(rows)} rows of {PRETRAIN_LEN} tokens are too few to pretrain on")
+def _train(params: Any, lm: gemma3.Gemma3Config, rows: dict[str, np.ndarray], steps: int,
+           lr: float, seed: int, what: str) -> Any:
+  """Trains all weights with the weighted next-token loss on random batches of ``rows``.
+
+  Args:
+    rows: ``input_ids``, ``targets``, ``weights``, ``attention_mask``, each [R, L].
+  """
   model = gemma3.Gemma3(lm)
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10 + 1, steps), b2=0.98)
-  mask = jnp.ones((PRETRAIN_BATCH, PRETRAIN_LEN), jnp.int32)
-  positions = gemma3.positions_from_mask(mask)
 
   @jax.jit
   def step(params, opt_state, batch):
     def loss_fn(p):
-      logits, _ = model.apply({"params": p}, batch, positions=positions, attention_mask=mask)
-      total, count = anatomix.cross_entropy(logits[:, :-1], batch[:, 1:], mask[:, 1:])
-      return total / count
+      mask = batch["attention_mask"]
+      logits, _ = model.apply({"params": p}, batch["input_ids"],
+                              positions=gemma3.positions_from_mask(mask), attention_mask=mask)
+      total, count = anatomix.cross_entropy(logits, batch["targets"], batch["weights"])
+      return total / jnp.maximum(count, 1.0)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   rng = np.random.default_rng(seed)
   opt_state = tx.init(params)
+  count = len(rows["input_ids"])
   for i in range(steps):
-    batch = jnp.asarray(rows[rng.integers(0, len(rows), PRETRAIN_BATCH)])
-    params, opt_state, loss = step(params, opt_state, batch)
+    pick = rng.integers(0, count, PRETRAIN_BATCH)
+    params, opt_state, loss = step(params, opt_state, {k: jnp.asarray(v[pick])
+                                                       for k, v in rows.items()})
     if i % 100 == 0 or i == steps - 1:
-      logging.info("demo LM pretraining step %d/%d: loss %.3f", i + 1, steps, float(loss))
+      logging.info("demo LM %s step %d/%d: loss %.3f", what, i + 1, steps, float(loss))
   return params
+
+
+def pretrain(params: Any, lm: gemma3.Gemma3Config, tok: Any, texts: list[str], steps: int,
+             lr: float, seed: int) -> Any:
+  """Trains all weights as a causal LM on ``texts`` packed into rows of PRETRAIN_LEN tokens."""
+  ids = []
+  for text in texts:
+    ids.extend(tok.tokenizer(text, add_special_tokens=False)["input_ids"] + [tok.eos_id])
+  packed = np.asarray(ids[:len(ids) // PRETRAIN_LEN * PRETRAIN_LEN], np.int32).reshape(
+      -1, PRETRAIN_LEN)
+  if len(packed) < PRETRAIN_BATCH:
+    raise ValueError(f"{len(packed)} rows of {PRETRAIN_LEN} tokens are too few to pretrain on")
+  weights = np.ones(packed.shape, np.float32)
+  weights[:, -1] = 0.0  # the last position has no next token in its row
+  rows = {"input_ids": packed, "targets": np.roll(packed, -1, axis=1), "weights": weights,
+          "attention_mask": np.ones(packed.shape, np.int32)}
+  return _train(params, lm, rows, steps, lr, seed, "pretraining")
+
+
+def context_rows(config: Any, apm: Any, tok: Any, seed: int) -> dict[str, np.ndarray]:
+  """Text-only stage-2 prompts with short contexts, tokenized and padded to CONTEXT_LEN.
+
+  Per train record of the demo's sources (at most ``lm.demo.context_examples``, anatomy
+  grounding first): the frozen APM's 36 boxes and retrieved sentences for its image; for anatomy
+  grounding the asked anatomy's box replaced by the true one (so the answer's box is in the
+  context, verbatim); ``lm.demo.context_lines`` random lines kept in order, the asked anatomy's
+  among them; one ``<image>`` token; no system prompt; the loss on the answer (``prompt.encode``).
+
+  Returns:
+    ``input_ids``, ``targets``, ``weights``, ``attention_mask``: [R, CONTEXT_LEN].
+  """
+  demo, c = config.lm.demo, config
+  rng = np.random.default_rng([seed, 7])
+  records = []
+  for source in schema.SOURCES:  # every source (the align step's own mix is reports only)
+    path = data.jsonl_path(c.data.dir, source, c.data.train_split)
+    if os.path.isfile(path):
+      records += schema.read_jsonl(path)
+  grounding = [r for r in records if r["task"] == "Anatomy Grounding"]
+  others = [r for r in records if r["task"] != "Anatomy Grounding"]
+  rng.shuffle(others)
+  records = (grounding + others)[:demo.context_examples]
+  low, high = demo.context_lines
+  out = {k: [] for k in ("input_ids", "targets", "weights", "attention_mask")}
+  ds = data.batches(grain.MapDataset.source(records), image_roots=c.data.image_roots.to_dict(),
+                    image_size=apm.image_size, batch_size=64, train=False)
+  for batch in ds:
+    features = apm(batch["image"])
+    for j, record in enumerate(batch["records"]):
+      if not batch["valid"][j]:
+        continue
+      boxes = np.array(features["boxes"][j], np.float64)
+      asked = record.get("meta", {}).get("anatomy_index")
+      if record["task"] == "Anatomy Grounding" and asked is not None:
+        boxes[asked] = record["boxes"][0]
+      example = prompt.build_example(record, boxes, features["sentences"][j], rng,
+                                     system_prompts=("",), context_drop_ratio=0.0,
+                                     num_image_tokens=1)
+      lines = set(rng.choice(len(boxes), size=int(rng.integers(low, high + 1)), replace=False))
+      if asked is not None:
+        lines.add(int(asked))
+      example = dataclasses.replace(
+          example, findings=tuple(example.findings[i] for i in sorted(lines)))
+      encoded = prompt.encode(tok, example, max_len=CONTEXT_LEN, truncation="drop")
+      if encoded is None:
+        continue
+      n = len(encoded)
+      pad = lambda x, fill: np.pad(x, (0, CONTEXT_LEN - n), constant_values=fill)  # noqa: E731
+      out["input_ids"].append(pad(encoded.input_ids, tok.pad_id))
+      out["targets"].append(pad(encoded.targets, tok.pad_id))
+      out["weights"].append(pad(encoded.loss_mask.astype(np.float32), 0.0))
+      out["attention_mask"].append(pad(np.ones(n, np.int32), 0))
+  if len(out["input_ids"]) < PRETRAIN_BATCH:
+    raise ValueError(f"only {len(out['input_ids'])} context-pretraining examples fit in "
+                     f"{CONTEXT_LEN} tokens")
+  return {k: np.stack(v) for k, v in out.items()}
 
 
 def corpus(config: Any, sentences: list[list[str]]) -> list[str]:
@@ -118,11 +200,18 @@ def make_base(out_dir: str, config: Any, apm: Any) -> str:
       num_hidden_layers=demo.num_hidden_layers, num_attention_heads=demo.num_attention_heads,
       num_key_value_heads=demo.num_key_value_heads, head_dim=demo.head_dim,
       sliding_window=demo.sliding_window, query_pre_attn_scalar=float(demo.head_dim),
+      layer_types=gemma3.default_layer_types(demo.num_hidden_layers, demo.full_attention_every),
       pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
   params = gemma3.init_params(lm, jax.random.key(config.seed))
   if demo.pretrain_steps > 0:
     params = pretrain(params, lm, tok, conversations(config), demo.pretrain_steps,
                       demo.pretrain_lr, config.seed)
+  if demo.context_pretrain_steps > 0:
+    rows = context_rows(config, apm, tok, config.seed)
+    logging.info("demo LM context pretraining on %d prompts (%.0f tokens on average)",
+                 len(rows["input_ids"]), rows["attention_mask"].sum(1).mean())
+    params = _train(params, lm, rows, demo.context_pretrain_steps, demo.pretrain_lr,
+                    config.seed + 1, "context pretraining")
   hf_gemma3.export_gemma3(params, lm, tmp)
   os.replace(tmp, out_dir)
   return out_dir
