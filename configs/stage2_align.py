@@ -1,5 +1,5 @@
-"""Stage 2, step 1 "align": only the two projection heads train, on report generation
-(REFERENCE.md §1.4: 3 epochs, effective batch 32, lr 2e-4).
+"""Stage 2, phase 1 "align" (config.phase): only the two projection heads train, on report
+generation (REFERENCE.md §1.4: 3 epochs, effective batch 32, lr 2e-4).
 
 ``--config=configs/stage2_align.py`` needs ``--config.apm.workdir`` (a trained stage-1 workdir with
 its RAG database), ``--config.lm.model_dir`` (local MedGemma-4B) and ``--config.data.dir``.

@@ -1,6 +1,6 @@
-"""Stage 2, step 2 "finetune": LoRA (r 16, alpha 16, dropout 0.05, all linear layers) + the
-embedding/output table + both projection heads, on the nine-source instruction mix, starting from
-the align step's heads (REFERENCE.md §1.4: 4 epochs, effective batch 32, lr 2e-4).
+"""Stage 2, phase 2 "finetune" (config.phase): LoRA (r 16, alpha 16, dropout 0.05, all linear
+layers) + the embedding/output table + both projection heads, on the nine-source instruction mix,
+starting from the align phase's heads (REFERENCE.md §1.4: 4 epochs, effective batch 32, lr 2e-4).
 
 ``--config.init_from`` = the align workdir. ``:demo`` follows the align demo.
 """

@@ -50,7 +50,7 @@ def base_config(phase: str) -> ml_collections.ConfigDict:
           # Then text-only stage-2 prompts with short contexts (demo/lm.py: context_rows).
           context_pretrain_steps=0, context_examples=6000, context_lines=(2, 8))),
   ))
-  c.init_from = ""                    # finetune: the align workdir whose heads start step 2
+  c.init_from = ""                    # finetune: the align workdir whose heads start phase 2
 
   # --- data ------------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict(dict(

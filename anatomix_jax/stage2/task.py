@@ -32,7 +32,7 @@ _TIMERS = ("apm_s", "host_s", "lm_s")
 
 
 def base_model_dir(config: Any, workdir: str) -> str:
-  """The base LM directory: ``lm.model_dir``, or the demo's (made by the align step)."""
+  """The base LM directory: ``lm.model_dir``, or the demo's (made by the align phase)."""
   if config.lm.model_dir:
     return config.lm.model_dir
   if not config.lm.demo.enabled:
@@ -312,7 +312,7 @@ class Stage2Task:
       step = ckpt.latest_step()
       if step is None:
         raise FileNotFoundError(f"no align checkpoint in {self.config.init_from}/checkpoints: "
-                                "run the align step first")
+                                "run the align phase first")
       groups = tuple(ckpt.read_meta(step)["trainable_groups"])
       trained, rest = steps.split(params, groups)
       abstract = jax.eval_shape(lambda p: steps.init_state(p, self.tx), trained)
