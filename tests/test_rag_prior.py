@@ -14,6 +14,7 @@ from anatomix_jax.data import sentences as sentences_lib
 from anatomix_jax.rag import database
 from anatomix_jax.rag import retrieval
 from anatomix_jax.stage1 import rag as stage1_rag
+from test_rag import _edit_json  # rag.json rewritten in place
 
 TAU = 0.1
 E1, E2, E3 = np.eye(3, dtype=np.float32)
@@ -295,15 +296,6 @@ def test_database_counts_build_save_load(tmp_path):
   assert database.build(_index(with_counts=False), ("train",), _embed).counts is None
 
 
-def _rewrite(d, fn):
-  path = os.path.join(d, "rag.json")
-  with open(path) as f:
-    obj = json.load(f)
-  fn(obj)
-  with open(path, "w") as f:
-    json.dump(obj, f)
-
-
 def test_old_database_without_counts(tmp_path):
   d = str(tmp_path / "rag")
   database.save(database.build(_index(), ("train",), _embed), d)
@@ -312,7 +304,7 @@ def test_old_database_without_counts(tmp_path):
     obj["version"] = 1
     del obj["counts"]
 
-  _rewrite(d, to_version_1)
+  _edit_json(d, to_version_1)
   db = database.load(d)
   assert db.counts is None
   r = retrieval.Retriever(db)  # documented fallback: no prior recorded → pure cosine
@@ -336,7 +328,7 @@ def test_database_malformed_counts(tmp_path, edit):
     else:
       obj["counts"][0][0] = 1.5
 
-  _rewrite(d, fn)
+  _edit_json(d, fn)
   with pytest.raises(database.DatabaseError, match="rag.json.*counts"):
     database.load(d)
 
@@ -344,6 +336,6 @@ def test_database_malformed_counts(tmp_path, edit):
 def test_database_unknown_version(tmp_path):
   d = str(tmp_path / "rag")
   database.save(database.build(_index(), ("train",), _embed), d)
-  _rewrite(d, lambda obj: obj.update(version=3))
+  _edit_json(d, lambda obj: obj.update(version=3))
   with pytest.raises(database.DatabaseError, match="version 3"):
     database.load(d)

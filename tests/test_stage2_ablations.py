@@ -21,6 +21,7 @@ from anatomix_jax.stage1 import load as stage1_load
 from anatomix_jax.stage2 import (batching, config as stage2_config, evaluate, frozen_apm, inference,
                                  prompt, tokenizer as tokenizer_lib)
 from configs import eval as eval_config
+from test_stage2_prompt import BOXES3, RECORD, SENTENCES3  # the shared hand-built record
 
 CORPUS = [
     "Right lung shows atelectasis and lung opacity.",
@@ -29,16 +30,6 @@ CORPUS = [
     "The <ref>Left lung</ref> is located at the coordinates <box>(112,170),(520,840)</box>.",
     "Abdominal cavity Aortic arch structure Apical zone of left lung",
 ] * 8
-RECORD = {
-    "id": "ag-0001", "source": "anatomy_grounding", "split": "train", "task": "Anatomy Grounding",
-    "image": "p10/s1.png",
-    "instructions": ["Where is the Left lung located in this Chest X-ray?"],
-    "responses": ["The <ref>Left lung</ref> is located at the coordinates <box>__BOX1__</box> on "
-                  "the image."],
-    "boxes": [[0.0, 0.0, 10.0, 10.0], [512.9, 100.2, 900.99, 1000.5]],
-}
-BOXES3 = [[12.7, 30.2, 500.9, 1023.99], [0.4, -0.6, 1024.0, 7.5], [100, 200, 300, 400]]
-SENTENCES3 = ["The abdomen is unremarkable.", "", "Lungs are clear. "]
 
 HEAD = "<bos><start_of_turn>user\nSYS prompt.\n\nImage: \n\n<image_start><image><image><image_end>\n\n\n"
 TAIL = ("Task: Where is the Left lung located in this Chest X-ray?<end_of_turn>\n"

@@ -77,7 +77,7 @@ def test_frame_row_context_box_differs():
 def test_oracle_boxes_make_the_answer_verbatim():
   records = [_record(), _record(index=2, box=[5, 6, 70, 80], rid="r1")]
   apm = np.stack([_apm(asked_box=[1, 2, 3, 4]), _apm()])
-  oracle = diagnose.with_true_boxes(records, apm)
+  oracle = grounding.with_true_boxes(records, apm)
   np.testing.assert_array_equal(oracle[0, ASKED], TRUE_BOX)
   np.testing.assert_array_equal(oracle[1, 2], [5, 6, 70, 80])
   np.testing.assert_array_equal(np.delete(oracle[0], ASKED, 0), np.delete(apm[0], ASKED, 0))
@@ -108,7 +108,7 @@ def test_names_that_differ_between_question_and_context_sentence():
 
 def test_non_grounding_records_are_skipped():
   record = dict(_record(), task="Phrase Grounding")
-  assert diagnose.asked_index(record) is None
+  assert grounding.asked_anatomy(record) is None
   assert diagnose.frame_row(record, _example(record, _apm())) is None
   assert diagnose.summarize_frame([None]) == {"records": 0}
 

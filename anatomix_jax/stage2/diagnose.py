@@ -64,14 +64,6 @@ _BOX_SPAN = re.compile(r"<box>.*?</box>")
 # --- text-level checks (no model) -----------------------------------------------------------------
 
 
-def asked_index(record: Mapping[str, Any]) -> int | None:
-  """The anatomy an Anatomy Grounding record asks about (``meta.anatomy``), or None."""
-  name = record.get("meta", {}).get("anatomy")
-  if record.get("task") != TASK or name not in anatomy.NAME_TO_INDEX:
-    return None
-  return anatomy.NAME_TO_INDEX[name]
-
-
 def context_lines(text: str) -> dict[int, list[str]]:
   """Anatomy index → the rendered text's context lines holding ``<obj_i>`` (should be one)."""
   out: dict[int, list[str]] = {}
@@ -102,7 +94,7 @@ def frame_row(record: Mapping[str, Any], example: prompt.Example) -> dict[str, A
     verbatim_in_context ref ref_is_asked ref_in_question ref_in_line ref_in_line_ci
     other_lines_with_ref lines_with_obj obj_line_order`` (boxes as written, lists of ints).
   """
-  index = asked_index(record)
+  index = grounding.asked_anatomy(record)
   if index is None:
     return None
   text = example.text()
@@ -133,16 +125,6 @@ def frame_row(record: Mapping[str, Any], example: prompt.Example) -> dict[str, A
       "ref_in_line_ci": bool(ref) and ref.lower() in line_sentence(line).lower(),
       "other_lines_with_ref": others, "lines_with_obj": len(matching),
       "obj_line_order": [k for k in lines] == sorted(lines)}
-
-
-def with_true_boxes(records: Sequence[Mapping[str, Any]], boxes: np.ndarray) -> np.ndarray:
-  """The APM's boxes [B, 36, 4] with each record's asked anatomy's box replaced by the true one."""
-  out = np.array(boxes, np.float32, copy=True)
-  for b, record in enumerate(records):
-    index = asked_index(record)
-    if index is not None and record.get("boxes"):
-      out[b, index] = record["boxes"][0]
-  return out
 
 
 def summarize_frame(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -181,7 +163,7 @@ def prior_baseline(train: Sequence[Mapping[str, Any]], records: Sequence[Mapping
   train records (``per_anatomy_mean_box``), or one mean box over all anatomies (``global``)."""
   by_index: dict[int, list[np.ndarray]] = {}
   for r in train:
-    index = asked_index(r)
+    index = grounding.asked_anatomy(r)
     if index is not None and r.get("boxes"):
       by_index.setdefault(index, []).append(np.asarray(r["boxes"][0], np.float64))
   if not by_index:
@@ -190,7 +172,7 @@ def prior_baseline(train: Sequence[Mapping[str, Any]], records: Sequence[Mapping
   overall = np.mean([b for v in by_index.values() for b in v], axis=0)
   per, glob = [], []
   for r in records:
-    index, truth = asked_index(r), grounding.true_boxes(r)
+    index, truth = grounding.asked_anatomy(r), grounding.true_boxes(r)
     if index is None or not len(truth):
       continue
     # as an answer would write them: truncated to integers
@@ -259,14 +241,14 @@ def frame_check(apm: Any, batcher: Any, records: Sequence[dict[str, Any]], image
   for i, (recs, features) in enumerate(apm_batches(apm, records, image_root, batch_size,
                                                    intensity)):
     for b, r in enumerate(recs):
-      index = asked_index(r)
+      index = grounding.asked_anatomy(r)
       truth = grounding.true_boxes(r)
       if index is not None and len(truth):
         apm_ious.append(float(box_ops.iou_matrix(features["boxes"][b, index][None], truth[:1],
                                                  dtype=None)[0, 0]))
     examples = batcher.examples(recs, features, i, train=True)
     rows += [frame_row(r, e) for r, e in zip(recs, examples)]
-    oracle = {**features, "boxes": with_true_boxes(recs, features["boxes"])}
+    oracle = {**features, "boxes": grounding.with_true_boxes(recs, features["boxes"])}
     oracle_ex = batcher.examples(recs, oracle, i, train=True)
     oracle_rows += [frame_row(r, e) for r, e in zip(recs, oracle_ex)]
   out = summarize_frame(rows)
@@ -434,7 +416,7 @@ def lm_rows(model: Any, params: Any, tok: Any, records: Sequence[Mapping[str, An
             ) -> list[dict[str, Any] | None]:
   """``score_teacher_forced`` for a batch (examples rendered with the answer in the text)."""
   encoded = [prompt.encode(tok, e) for e in examples]
-  spans = [token_spans(tok, e, enc, asked_index(r)) if asked_index(r) is not None else None
+  spans = [token_spans(tok, e, enc, grounding.asked_anatomy(r)) if grounding.asked_anatomy(r) is not None else None
            for r, e, enc in zip(records, examples, encoded)]
   length = max(len(e) for e in encoded)
   tokens = np.full((len(encoded), length), tok.pad_id, np.int32)

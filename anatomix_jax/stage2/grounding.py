@@ -51,6 +51,25 @@ def parse_boxes(text: str) -> np.ndarray:
   return np.asarray(boxes, np.float32).reshape(-1, 4)
 
 
+def asked_anatomy(record: dict[str, Any]) -> int | None:
+  """The anatomy an Anatomy Grounding record asks about (its ``meta.anatomy``), or None."""
+  name = record.get("meta", {}).get("anatomy")
+  if record.get("task") != "Anatomy Grounding" or name not in anatomy.NAME_TO_INDEX:
+    return None
+  return anatomy.NAME_TO_INDEX[name]
+
+
+def with_true_boxes(records: Sequence[dict[str, Any]], boxes: np.ndarray) -> np.ndarray:
+  """The APM's boxes [B, 36, 4] with each anatomy-grounding record's asked anatomy's box replaced
+  by its true one (an oracle context: the answer's box is in the context, verbatim)."""
+  out = np.array(boxes, np.float32, copy=True)
+  for b, record in enumerate(records):
+    index = asked_anatomy(record)
+    if index is not None and record.get("boxes"):
+      out[b, index] = record["boxes"][0]
+  return out
+
+
 def true_boxes(record: dict[str, Any]) -> np.ndarray:
   """The boxes of a record's answer (its first response, placeholders filled)."""
   text = prompt.fill_placeholders(record["responses"][0], record.get("boxes"), record["id"])
@@ -122,11 +141,11 @@ def score_grounding(records: Sequence[dict[str, Any]], answers: Sequence[str],
            "predicted_boxes": predicted.astype(int).tolist(),
            "expects_box": bool(len(truth)), "parsed": bool(len(predicted)),
            "iou": eval_grounding.reference_iou(predicted, truth, dtype=None) if len(truth) else None}
-    name = record.get("meta", {}).get("anatomy")
-    if record["task"] == "Anatomy Grounding" and name in anatomy.NAME_TO_INDEX and len(truth):
-      apm_box = apm_boxes[i, anatomy.NAME_TO_INDEX[name]][None]
+    index = asked_anatomy(record)
+    if index is not None and len(truth):
+      apm_box = apm_boxes[i, index][None]
       written = parse_boxes(schema.boxed(apm_box[0]))  # as the context line writes it
-      row["anatomy"] = name
+      row["anatomy"] = record["meta"]["anatomy"]
       row["apm_box"] = written.astype(int)[0].tolist()
       row["apm_iou"] = float(box_ops.iou_matrix(apm_box, truth[:1], dtype=None)[0, 0])
       row["apm_box_iou"] = float(box_ops.iou_matrix(written, truth[:1], dtype=None)[0, 0])

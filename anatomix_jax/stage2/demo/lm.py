@@ -31,7 +31,7 @@ from absl import logging
 from anatomix_jax.convert import hf_gemma3
 from anatomix_jax.instruct import schema
 from anatomix_jax.models import anatomix, gemma3
-from anatomix_jax.stage2 import data, prompt, tokenizer
+from anatomix_jax.stage2 import data, grounding, prompt, tokenizer
 
 
 PRETRAIN_LEN = 128
@@ -123,23 +123,21 @@ def context_rows(config: Any, apm: Any, tok: Any, seed: int) -> dict[str, np.nda
     path = data.jsonl_path(c.data.dir, source, c.data.train_split)
     if os.path.isfile(path):
       records += schema.read_jsonl(path)
-  grounding = [r for r in records if r["task"] == "Anatomy Grounding"]
+  asks = [r for r in records if r["task"] == "Anatomy Grounding"]
   others = [r for r in records if r["task"] != "Anatomy Grounding"]
   rng.shuffle(others)
-  records = (grounding + others)[:demo.context_examples]
+  records = (asks + others)[:demo.context_examples]
   low, high = demo.context_lines
   out = {k: [] for k in ("input_ids", "targets", "weights", "attention_mask")}
   ds = data.batches(grain.MapDataset.source(records), image_roots=c.data.image_roots.to_dict(),
                     image_size=apm.image_size, batch_size=64, train=False)
   for batch in ds:
     features = apm(batch["image"])
+    oracle = grounding.with_true_boxes(batch["records"], features["boxes"])
     for j, record in enumerate(batch["records"]):
       if not batch["valid"][j]:
         continue
-      boxes = np.array(features["boxes"][j], np.float64)
-      asked = record.get("meta", {}).get("anatomy_index")
-      if record["task"] == "Anatomy Grounding" and asked is not None:
-        boxes[asked] = record["boxes"][0]
+      boxes, asked = oracle[j], grounding.asked_anatomy(record)
       example = prompt.build_example(record, boxes, features["sentences"][j], rng,
                                      system_prompts=("",), context_drop_ratio=0.0,
                                      num_image_tokens=1)
