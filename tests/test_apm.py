@@ -466,7 +466,7 @@ def test_load_reference_checkpoint_files(tiny, tmp_path):
   # A training checkpoint with pickled objects is refused (weights_only), naming the file.
   bad_path = tmp_path / "training.pth"
   torch.save({"model": {}, "args": argparse.Namespace(lr=1.0)}, bad_path)
-  with pytest.raises(ValueError, match=f"{bad_path}.*weights_only"):
+  with pytest.raises(ValueError, match=f"{bad_path}: holds a argparse.Namespace object"):
     convert.load_reference_checkpoint(bad_path, TINY)
   missing = dict(tiny["state"])
   del missing["input_proj.bias"]

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import mmap
+import os
 import pickle
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -117,20 +119,56 @@ def key_list(keys: Sequence[str], limit: int = 8) -> str:
   return ", ".join(keys[:limit]) + more
 
 
-def read_torch_file(path: str) -> Any:
+# The non-tensor types the original AnatomiX's files hold besides builtins and OrderedDict (which
+# torch's weights-only unpickler already allows): its training scripts save their nested argparse
+# ``args`` (with pathlib paths) beside the weights. Nothing else is ever unpickled.
+ORIGINAL_SAFE_GLOBALS = ("argparse.Namespace", "pathlib.PosixPath", "pathlib.PurePosixPath",
+                         "pathlib.WindowsPath", "pathlib.PureWindowsPath", "pathlib.Path")
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def _safe_globals() -> list[Any]:
+  import argparse  # noqa: PLC0415
+  import pathlib  # noqa: PLC0415
+  modules = {"argparse": argparse, "pathlib": pathlib}
+  return [getattr(modules[name.split(".")[0]], name.split(".")[1])
+          for name in ORIGINAL_SAFE_GLOBALS]
+
+
+def read_torch_file(path: str, allow_original_types: bool = False) -> Any:
+  """A ``torch.save`` file through torch's weights-only unpickler (never plain pickle).
+
+  Args:
+    path: the file.
+    allow_original_types: also allow ``ORIGINAL_SAFE_GLOBALS`` (the original's checkpoints store
+      their ``argparse`` args, holding ``pathlib`` paths); any other class is still refused.
+
+  Raises:
+    ValueError: torch missing, a truncated/corrupt file, or a class outside the allow-list (named
+      with the file).
+  """
   try:
     import torch  # noqa: PLC0415 (optional dependency)
   except ImportError as err:
     raise ValueError(f"{path}: reading a PyTorch checkpoint needs torch; install it or convert the "
                      "file to safetensors") from err
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  allowed = _safe_globals() if allow_original_types else []
   try:
-    return torch.load(path, weights_only=True, map_location="cpu")
-  except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as err:
-    raise ValueError(
-        f"{path}: cannot be read with torch.load(weights_only=True) (it holds non-tensor objects, "
-        "e.g. the reference's training checkpoints store 'args'). In an environment you trust, "
-        "re-save only the weights, e.g. torch.save(torch.load(p, weights_only=False)['model'], out), "
-        f"or save them as safetensors. ({type(err).__name__}: {err})") from err
+    with torch.serialization.safe_globals(allowed):
+      return torch.load(path, weights_only=True, map_location="cpu")
+  except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, EOFError) as err:
+    refused = _UNSUPPORTED_GLOBAL.search(str(err))
+    if refused:
+      allowed_names = ORIGINAL_SAFE_GLOBALS if allow_original_types else ()
+      raise ValueError(
+          f"{path}: holds a {refused.group(1)} object, which is not allowed (only tensors, "
+          f"builtins, OrderedDict{''.join(', ' + n for n in allowed_names)}); it is not "
+          "unpickled. If you trust the file, re-save only its weights, e.g. as safetensors"
+      ) from err
+    raise ValueError(f"{path}: not a readable torch.save file (truncated or corrupt?): "
+                     f"{type(err).__name__}: {str(err)[:300]}") from err
 
 
 def read_bf16_tensor(path: str, key: str) -> np.ndarray:
