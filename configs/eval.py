@@ -4,7 +4,8 @@
 
 The model, APM and data are those the workdir was trained with (the config saved in its
 checkpoint); this config chooses the records, the generation budget and the metrics. ``:demo``
-evaluates the stage-2 demo in a few minutes (a few records per task, short answers).
+evaluates the stage-2 demo in a few minutes (a few records per task, short answers), with the
+synthetic reports' exact label F1 (``metrics.synthetic_labels``).
 """
 
 import ml_collections
@@ -38,6 +39,11 @@ def get_config(arg=None):
       # (boxes x → 1024 − x, left/right words and sided anatomies swapped); results.json/.md
       # compare each task's metrics, the APM's box IoU and the side accuracy (original vs mirrored).
       flip=False,
+      # A trivial image-blind baseline scored on the same samples (stage2.baselines: the mean
+      # training box of each phrase, the most common training answer), from the data's train
+      # split; results.json "baseline", results.md a row under Table 1 and a model-vs-baseline
+      # table. With predictions it needs data_dir (the instruction data); skipped without.
+      baseline=True,
       # Score another system's answers instead of generating: a JSONL with id, source, task,
       # reference, answer; box_format says how those answers write boxes.
       predictions="",
@@ -51,10 +57,14 @@ def get_config(arg=None):
           # CheXbert: chexbert.pth (or .safetensors) + a bert-base-uncased config/tokenizer dir.
           chexbert_weights="", chexbert_bert_dir="",
           radgraph_dir="",             # RadGraph-F1: needs the radgraph package and this model
+          # Report Generation label F1 read by the synthetic reports' rule-based labeller
+          # (instruct.report_labels, exact on synthetic/describe's phrases): the demo data only.
+          synthetic_labels=False,
       )),
   ))
   c.mesh = config_lib.mesh_config()
   c.sharding_rules = config_lib.DEFAULT_RULES
   if arg.demo:
     c.evaluate.update(dict(max_per_task=16, max_new_tokens=64, batch_size=8))
+    c.evaluate.metrics.synthetic_labels = True
   return c

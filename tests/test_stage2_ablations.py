@@ -330,6 +330,7 @@ def test_eval_override_reaches_the_prompt_and_labels_results(tmp_path, monkeypat
   results = json.load(open(f"{out['out_dir']}/results.json"))
   assert results["ablation"]["label"] == label
   assert results["ablation"]["phase"] == phase
+  assert results["skipped"]["baseline"].startswith("no train split: ")  # test split only
   markdown = open(f"{out['out_dir']}/results.md").read()
   assert markdown.splitlines()[0] == f"# Evaluation: run step 5 ({label})"
   assert f"| run step 5 | {label} |" in markdown

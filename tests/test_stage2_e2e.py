@@ -231,11 +231,15 @@ def test_eval_mode_scores_every_task_writes_tables_and_resumes(stage1, finetuned
       v for (s, t), v in got.items() if t == "Phrase Grounding")
   assert 0.0 <= groups["Anatomy Grounding | all"]["grounding_parse_rate"] <= 1.0
   assert "rouge1" in groups["Report Generation | mimic_report_gen"]
+  assert "report_label_micro_f1" in groups["Report Generation | mimic_report_gen"]  # :demo
   assert "vqa_closed_accuracy" in groups["Close-Ended VQA | mimic_vqa"]
   assert set(results["table1"]) >= {"ROUGE GD", "METEOR GC", "PG IoU", "AG mAP"}
   assert {"bertscore", "chexbert", "radgraph"} <= set(results["skipped"])  # no local weights
   markdown = open(os.path.join(out, "results.md")).read()
   assert "Table 1" in markdown and "Anatomy Grounding | anatomy_grounding" in markdown
+  # The trivial image-blind baseline on the same samples, from the demo data's train split.
+  assert results["baseline"]["samples"] == len(samples) and "baseline" not in results["skipped"]
+  assert "## Trivial baseline (image-blind)" in markdown and "RG label micro-F1" in markdown
 
   # Interrupted: keep 3 sample lines and a torn 4th; the rerun generates only the rest.
   path = os.path.join(out, "samples.jsonl")

@@ -15,7 +15,7 @@ from anatomix_jax import anatomy
 from anatomix_jax.data import augment, images
 from anatomix_jax.evaluation import scoring, tables
 from anatomix_jax.instruct import schema
-from anatomix_jax.stage2 import data, flip, prompt
+from anatomix_jax.stage2 import baselines, data, flip, prompt
 from anatomix_jax.stage2 import evaluate as runner
 
 METRICS = ml_collections.ConfigDict(dict(
@@ -329,13 +329,17 @@ def test_flip_pass_with_a_blind_stand_in(tmp_path, study):
 
 def test_eval_mode_writes_the_flip_test(tmp_path, study, monkeypatch):
   """``evaluate.flip=True`` through ``evaluate.evaluate`` (the stand-in in place of the checkpoint):
-  the mirrored sample files and the ``flip`` section of results.json / results.md."""
+  the mirrored sample files and the ``flip`` section of results.json / results.md; and the trivial
+  baseline (on by default), trained on a train split that holds the test records' twins."""
   import configs.eval as eval_config  # noqa: PLC0415
   from anatomix_jax.stage2 import inference  # noqa: PLC0415
   root, records = study
   data_dir = tmp_path / "instr"
   schema.write_jsonl(str(data_dir / "anatomy_grounding" / "test.jsonl"), records[:2])
   schema.write_jsonl(str(data_dir / "mimic_vqa" / "test.jsonl"), records[2:])
+  twins = [dict(r, id=f"t{r['id']}", split="train") for r in records]
+  schema.write_jsonl(str(data_dir / "anatomy_grounding" / "train.jsonl"), twins[:2])
+  schema.write_jsonl(str(data_dir / "mimic_vqa" / "train.jsonl"), twins[2:])
   model = _StandIn(root)
   model.run.config.data.dir, model.step = str(data_dir), 7
   trained_cfg = ml_collections.ConfigDict({"data": {"context": "full"},
@@ -354,3 +358,12 @@ def test_eval_mode_writes_the_flip_test(tmp_path, study, monkeypatch):
   assert got[("Anatomy Grounding", "apm_anatomy_iou")] == pytest.approx(1.0)
   assert got[("Open-Ended VQA", "side_accuracy")] == 1.0
   assert "## Left/right flip test" in open(out / "results.md").read()
+  # The baseline: every test record has one training twin, so its answers are the references.
+  results = json.load(open(out / "results.json"))
+  assert results["baseline"]["name"] == baselines.NAME and results["baseline"]["samples"] == 3
+  base = results["baseline"]["groups"]
+  assert base["Anatomy Grounding | all"]["grounding_iou"] == pytest.approx(1.0)
+  assert base["Open-Ended VQA | all"]["vqa_open_recall"] == pytest.approx(1.0)
+  assert len(runner.read_samples(str(out / "scored_baseline_samples.jsonl"))) == 3
+  markdown = open(out / "results.md").read()
+  assert "## Trivial baseline (image-blind)" in markdown and f"| {baselines.NAME} |" in markdown

@@ -10,6 +10,11 @@ Optional metrics need local weights (``evaluate.metrics``): BERTScore (a BERT/Di
 directory), CheXbert (its checkpoint + a bert-base-uncased config/tokenizer directory), RadGraph
 (the radgraph package and model). Missing ones are skipped columns, with the reason recorded in
 ``results["skipped"]`` and logged once.
+
+``evaluate.metrics.synthetic_labels`` (for the synthetic demo data) reads the 14 CheXpert labels of
+each Report Generation reference and answer with the rule-based reader of the synthetic report
+phrases (``instruct.report_labels.read_labels``, exact on those reports) and adds the corpus
+``report_label_micro_f1`` / ``report_label_macro_f1`` to the task's summary.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from absl import logging
 
 from anatomix_jax import anatomy
 from anatomix_jax.evaluation import boxes as box_formats, clinical, grounding, text
+from anatomix_jax.instruct import report_labels
 from anatomix_jax.ops import boxes as box_ops
 
 TEXT, CLINICAL, GROUNDING, CLOSED, OPEN, CLASSIFICATION = (
@@ -61,6 +67,12 @@ FLIP_METRICS = {
     "Anatomy Grounding": ("grounding_iou", "grounding_map"),
     "Abnormality Detection": ("grounding_iou", "grounding_map"),
 }
+# Report Generation's label F1 on synthetic reports (``metrics.synthetic_labels``).
+REPORT_LABEL_TASK = "Report Generation"
+REPORT_LABEL_METRICS = ("report_label_micro_f1", "report_label_macro_f1")
+# Each task's main metrics, model vs the trivial baseline (``tables.baseline_section``).
+MAIN_METRICS = {task: (REPORT_LABEL_METRICS if task == REPORT_LABEL_TASK else ()) + metrics
+                for task, metrics in FLIP_METRICS.items()}
 FLIP_EVERY_TASK = ("apm_anatomy_iou", "apm_anatomy_iou_unswapped", "side_accuracy")
 _SIDE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
@@ -123,7 +135,7 @@ class Scorer:
   Args:
     metrics_cfg: ``evaluate.metrics`` (semantic_matching "minilm" | "exact", match_threshold,
       bertscore_dir/bertscore_layers/bertscore_baseline, chexbert_weights/chexbert_bert_dir,
-      radgraph_dir).
+      radgraph_dir, synthetic_labels — absent in older configs: False).
     box_format: how answers write boxes (``evaluation.boxes.FORMATS``); references are always
       this project's format.
   """
@@ -132,6 +144,7 @@ class Scorer:
     if box_format not in box_formats.FORMATS:
       raise ValueError(f"evaluate.box_format {box_format!r} is not one of {box_formats.FORMATS}")
     self.box_format = box_format
+    self.synthetic_labels = bool(metrics_cfg.get("synthetic_labels", False))
     self.skipped: dict[str, str] = {}
     embed = None
     if metrics_cfg.semantic_matching == "minilm":
@@ -188,6 +201,9 @@ class Scorer:
       if side is not None:
         s["side_accuracy"] = side
       s.update(apm_ious(row))
+      if self.synthetic_labels and row["task"] == REPORT_LABEL_TASK:
+        row["report_labels"] = {"reference": report_labels.read_labels(row["reference"]).tolist(),
+                                "answer": report_labels.read_labels(answer).tolist()}
     clinical_rows = [r for r in out if CLINICAL in TASK_METRICS.get(r["task"], ())]
     self._clinical(clinical_rows)
     return out
@@ -254,6 +270,10 @@ class Scorer:
       ref = np.asarray([r["chexbert"]["reference"] for r in rows])
       hyp = np.asarray([r["chexbert"]["answer"] for r in rows])
       out.update({f"{k}_corpus": v for k, v in clinical.chexbert_f1(ref, hyp).items()})
+    if rows and all("report_labels" in r for r in rows):
+      out.update(zip(REPORT_LABEL_METRICS, label_f1(
+          np.asarray([r["report_labels"]["reference"] for r in rows]),
+          np.asarray([r["report_labels"]["answer"] for r in rows]))))
     return out
 
   def flip_summary(self, original: Sequence[Mapping[str, Any]],
@@ -306,6 +326,10 @@ class Scorer:
     for column, key in TABLE1_TEXT:
       for task, short in (("Grounded Diagnosis", "GD"), ("Grounded Captioning", "GC")):
         row[f"{column} {short}"] = groups.get(f"{task} | all", {}).get(key)
+    report = groups.get(f"{REPORT_LABEL_TASK} | all", {})
+    if REPORT_LABEL_METRICS[0] in report:  # only when scored (metrics.synthetic_labels)
+      row["RG label micro-F1"] = report[REPORT_LABEL_METRICS[0]]
+      row["RG label macro-F1"] = report[REPORT_LABEL_METRICS[1]]
     for task, short in TABLE1_BOXES:
       g = groups.get(f"{task} | all", {})
       row[f"{short} IoU"] = g.get("grounding_iou")
@@ -313,6 +337,24 @@ class Scorer:
       row[f"{short} IoU strict"] = g.get("grounding_iou_strict")
       row[f"{short} parse rate"] = g.get("grounding_parse_rate")
     return row
+
+
+def label_f1(true: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+  """Corpus (micro, macro) F1 of binary label vectors.
+
+  Args:
+    true: ``[N, L]`` reference labels (1 positive); pred: ``[N, L]`` answer labels.
+
+  Returns:
+    micro: F1 of the pooled counts; macro: the mean per-label F1 over the labels positive in some
+    reference or answer (labels positive nowhere are left out, not counted as 0 or 1).
+  """
+  true, pred = np.asarray(true) > 0.5, np.asarray(pred) > 0.5
+  tp, n_true, n_pred = (true & pred).sum(0), true.sum(0), pred.sum(0)
+  occurs = n_true + n_pred > 0
+  micro = 2 * tp.sum() / max(n_true.sum() + n_pred.sum(), 1)
+  macro = float(np.mean(2 * tp[occurs] / (n_true + n_pred)[occurs])) if occurs.any() else 0.0
+  return float(micro), macro
 
 
 def _tokens_of(answer: str) -> set[str]:
@@ -335,5 +377,11 @@ def conventions() -> dict[str, str]:
                                "where the reference names exactly one and the instruction none, "
                                "the fraction naming only the reference's side",
               "apm_anatomy_iou": "mean of per-sample: the frozen APM's box for the asked anatomy "
-                                 "vs the reference box (anatomy-grounding samples)"})
+                                 "vs the reference box (anatomy-grounding samples)",
+              "report_label_*_f1": "corpus (metrics.synthetic_labels: Report Generation only): "
+                                   "the 14 CheXpert labels of each reference and answer read by "
+                                   "the synthetic reports' rule-based reader (a failed answer "
+                                   "reads as empty: No Finding); micro over the pooled counts, "
+                                   "macro the mean per-label F1 over the labels positive in a "
+                                   "reference or an answer"})
   return out

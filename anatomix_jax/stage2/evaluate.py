@@ -34,6 +34,15 @@ same instruction/answer variants as its original sample; ``samples_mirrored.json
 too) and ``scored_samples_mirrored.jsonl``, and in ``results.json`` / ``results.md`` ``flip``: per
 task, each main metric, the APM's anatomy-box IoU and the side accuracy on the original and the
 mirrored samples, and their ratio (``scoring.Scorer.flip_summary``).
+
+``evaluate.baseline`` (default on) scores a trivial image-blind baseline on the same samples
+(``stage2.baselines``: mean training box per phrase, most common training answer), built from the
+train split of the evaluated data (``{data_dir}/{source}/{train_split}.jsonl``, the run's
+``data.train_split``; "train" for predictions) and scored by the same
+scorer: ``scored_baseline_samples.jsonl``, ``results.json``'s ``baseline`` (its summary and name)
+and in ``results.md`` a baseline row under Table 1 and a model-vs-baseline table per task. It is
+skipped, with the reason in ``skipped.baseline``, when a train split is missing or (with
+``evaluate.predictions``) no ``evaluate.data_dir`` is given.
 """
 
 from __future__ import annotations
@@ -51,7 +60,7 @@ from absl import logging
 
 from anatomix_jax.evaluation import scoring, tables
 from anatomix_jax.instruct import schema
-from anatomix_jax.stage2 import data, flip, inference
+from anatomix_jax.stage2 import baselines, data, flip, inference
 
 SAMPLES = "samples.jsonl"
 
@@ -222,6 +231,39 @@ def ablation(train_cfg: Any, ev: Any) -> dict[str, Any]:
           "label": label}
 
 
+def baseline_samples(data_dir: str, split: str, rows: Sequence[Mapping[str, Any]],
+                     records: Sequence[Mapping[str, Any]] | None = None,
+                     train_split: str = "train") -> tuple[list[dict[str, Any]] | None, str]:
+  """The trivial baseline's sample rows for the model's ``rows`` (``baselines.answers``, trained on
+  ``data_dir``'s train split of the rows' sources).
+
+  Args:
+    data_dir: the evaluated instruction data ("" : none).
+    split: the evaluated split; its records are read when ``records`` is None.
+    rows: the model's sample rows (their instructions and references are kept).
+    records: the evaluated records (None: read from ``data_dir``).
+    train_split: the split the baseline learns from.
+
+  Returns:
+    ``(rows, "")``, or ``(None, why)`` when it cannot be built.
+  """
+  if not data_dir:
+    return None, "no data directory (evaluate.predictions without evaluate.data_dir)"
+  sources = sorted({r["source"] for r in rows})
+  unknown = [s for s in sources if s not in schema.SOURCES]
+  missing = [data.jsonl_path(data_dir, s, train_split) for s in sources if s not in unknown
+             and not os.path.isfile(data.jsonl_path(data_dir, s, train_split))]
+  if unknown or missing:
+    return None, "no train split: " + ", ".join(unknown + missing)
+  if records is None:
+    records = select_records(data_dir, split, {s: 1.0 for s in sources})
+  wanted = {_sample_key(r) for r in rows}
+  records = [r for r in records if _sample_key(r) in wanted]
+  train = (r for s in sources
+           for r in schema.read_jsonl(data.jsonl_path(data_dir, s, train_split)))
+  return baselines.answers(train, records, rows), ""
+
+
 def evaluate(config: Any, workdir: str) -> dict[str, Any]:
   """Runs the evaluation described in the module docstring; returns the per-task summary."""
   ev = config.evaluate
@@ -231,6 +273,7 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
       raise FileNotFoundError(f"evaluate.predictions: {ev.predictions} has no samples")
     out_dir = ev.output_dir or os.path.splitext(ev.predictions)[0] + "_scored"
     name = os.path.basename(ev.predictions)
+    data_dir, records, train_split = ev.data_dir, None, "train"
     mirrored = None  # the flip test needs the model: another system's answers have no mirror
     if ev.get("flip", False):
       logging.warning("evaluate.flip is ignored with evaluate.predictions (nothing to generate)")
@@ -255,8 +298,10 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
       _write_rows(path + ".tmp", previous, mode="w")
       os.replace(path + ".tmp", path)
     done = {_sample_key(r) for r in previous}
-    records = select_records(trained.run.config.data.dir, ev.split, ev.sources.to_dict(),
-                             tuple(ev.tasks), ev.max_per_task, ev.seed)
+    data_dir = trained.run.config.data.dir
+    train_split = trained.run.config.data.get("train_split", "train")
+    records = select_records(data_dir, ev.split, ev.sources.to_dict(), tuple(ev.tasks),
+                             ev.max_per_task, ev.seed)
     todo = [r for r in records if _sample_key(r) not in done]
     logging.info("eval: %d records (%d already in %s)", len(records), len(records) - len(todo),
                  path)
@@ -278,6 +323,17 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
     mirrored_rows = scorer.score(mirrored[0])
     results["flip"] = {**scorer.flip_summary(rows, mirrored_rows), "left_out": mirrored[1]}
     _write_rows(os.path.join(out_dir, "scored_" + flip.SAMPLES), mirrored_rows, mode="w")
+  if ev.get("baseline", True):  # the image-blind baseline on the same samples, scored alike
+    base, why = baseline_samples(data_dir, ev.split, rows, records, train_split)
+    if base is None:
+      results["skipped"]["baseline"] = why
+      logging.warning("eval: the trivial baseline is skipped: %s", why)
+    else:
+      base = scorer.score(base)
+      summary = scorer.summarize(base)
+      results["baseline"] = {"name": baselines.NAME, **{k: v for k, v in summary.items()
+                                                         if k not in ("conventions", "skipped")}}
+      _write_rows(os.path.join(out_dir, "scored_baseline_" + SAMPLES), base, mode="w")
   with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)
   markdown = tables.markdown(results)

@@ -7,6 +7,10 @@ ImaGenome (``anatomicalfinding``, ``disease``, ``tubesandlines``, ``device``, pl
 ``"...|no|..."`` attributes, so readers see negations that must not make a sentence. With the
 reference rule the attributes give sentences like "Right lower lung zone shows lung opacity and
 pneumonia.".
+
+:func:`read_labels` (from :mod:`anatomix_jax.instruct.report_labels`, a layer below, so that
+``evaluation`` can use it too) reads the labels back from the report text:
+``read_labels(report) == labels_of(f)``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,12 @@ import dataclasses
 import numpy as np
 
 from anatomix_jax import anatomy
+from anatomix_jax.instruct import report_labels
 from anatomix_jax.synthetic.phantom import SIDES, ZONES, Findings
+
+
+# The rule-based reader inverting :func:`describe`'s phrases (float32 [14] labels of a report text).
+read_labels = report_labels.read_labels
 
 
 @dataclasses.dataclass
