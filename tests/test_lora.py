@@ -8,6 +8,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 import torch
 import transformers
@@ -94,7 +95,7 @@ def test_adapter_math_matches_torch_peft_update(params, tmp_path):
   assert adapter_config["r"] == 3 and adapter_config["lora_alpha"] == 5.0
   assert adapter_config["target_modules"] == sorted(lora.ALL_LINEAR)
   tensors = load_file(adapter_file)
-  assert len(tensors) == 3 * 7 * 2
+  assert len(tensors) == 3 * 7 * 2 + 2  # + the embedding table, for embed_tokens and lm_head
   assert tensors["base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight"].shape == (3, 24)
   assert tensors["base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight"].shape == (20, 3)
   model = transformers.Gemma3ForCausalLM.from_pretrained(
@@ -116,6 +117,51 @@ def test_adapter_math_matches_torch_peft_update(params, tmp_path):
   real = mask.astype(bool)
   assert np.abs(got[real] - _logits(BASE, base, ids, mask)[real]).max() > 1e-2  # adapters matter
   np.testing.assert_allclose(got[real], ref[real], atol=1e-4, rtol=0)
+
+
+def test_peft_from_pretrained_reproduces_trained_lora_and_embedding(params, tmp_path):
+  """The standard ``PeftModel.from_pretrained(base, adapter)`` == our model when the finetune
+  phase trained LoRA and the (tied) embedding table; so does the merged export. LoRA-only
+  adapters (the old export) were off by the table's change."""
+  base, full = params
+  table = full["embedder"]["embedding"]
+  trained = dict(full, embedder={"embedding": table + 0.5 * jax.random.normal(
+      jax.random.key(9), table.shape)})
+  hf_gemma3.export_gemma3(base, BASE, tmp_path / "base")
+  adapter_file = hf_gemma3.export_peft_adapter(trained, LORA, tmp_path / "adapter",
+                                               base_model=str(tmp_path / "base"))
+  with open(tmp_path / "adapter" / hf_gemma3.ADAPTER_CONFIG_FILE) as f:
+    adapter_config = json.load(f)
+  assert adapter_config["modules_to_save"] == ["embed_tokens"]
+  assert adapter_config["ensure_weight_tying"] is True
+  tensors = load_file(adapter_file)
+  for key in ("base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"):
+    np.testing.assert_array_equal(tensors[key], np.asarray(trained["embedder"]["embedding"]))
+  hf_gemma3.export_gemma3(trained, LORA, tmp_path / "merged")
+  ids, mask = _inputs()
+  ids = np.concatenate([ids, (ids * 7 + 3) % BASE.vocab_size * mask])  # 4 sequences
+  mask = np.concatenate([mask, mask])
+  got = _logits(LORA, trained, ids, mask)
+  real = mask.astype(bool)
+  assert np.abs(got[real] - _logits(LORA, full, ids, mask)[real]).max() > 1e-1  # table matters
+
+  def hf_logits(model):
+    with torch.no_grad():
+      return model.eval()(input_ids=torch.tensor(ids, dtype=torch.long),
+                          attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
+
+  def load(path):
+    return transformers.Gemma3ForCausalLM.from_pretrained(path, attn_implementation="eager")
+
+  model = peft.PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "adapter")
+  np.testing.assert_allclose(hf_logits(model)[real], got[real], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(hf_logits(load(tmp_path / "merged"))[real], got[real], atol=1e-4,
+                             rtol=0)
+  # Without the table (embedding=False: only for an untrained table) the adapter is LoRA only.
+  hf_gemma3.export_peft_adapter(trained, LORA, tmp_path / "lora_only", embedding=False)
+  assert len(load_file(tmp_path / "lora_only" / hf_gemma3.ADAPTER_FILE)) == 3 * 7 * 2
+  with open(tmp_path / "lora_only" / hf_gemma3.ADAPTER_CONFIG_FILE) as f:
+    assert "modules_to_save" not in json.load(f)
 
 
 def test_merged_export_equals_unmerged(params, tmp_path):

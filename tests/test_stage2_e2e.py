@@ -188,7 +188,8 @@ def test_export_mode_writes_loadable_files(finetuned):
     logits = model(input_ids=ids).logits
   assert logits.shape[-1] == model.config.vocab_size >= len(tok) and torch.isfinite(logits).all()
   adapter = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
-  assert len(adapter) == 2 * 7 * 2  # 2 layers × 7 projections × (A, B)
+  assert len(adapter) == 2 * 7 * 2 + 2  # 2 layers × 7 projections × (A, B) + the trained table
+  assert "base_model.model.lm_head.weight" in adapter  # the trained table, as modules_to_save
   heads = load_file(os.path.join(out, "projection_heads.safetensors"))
   assert heads["image_projectionhead.proj.0.weight"].shape == (8, 12)  # Linear(256→512) in tiny
   assert heads["obj_projectionhead.proj.3.weight"].shape == (16, 8)

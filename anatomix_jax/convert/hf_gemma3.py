@@ -387,6 +387,8 @@ _LORA_GROUPS = {"q_proj": ("attn", "self_attn"), "k_proj": ("attn", "self_attn")
                 "v_proj": ("attn", "self_attn"), "o_proj": ("attn", "self_attn"),
                 "gate_proj": ("mlp", "mlp"), "up_proj": ("mlp", "mlp"),
                 "down_proj": ("mlp", "mlp")}
+# The tied output table of a ``modules_to_save`` embedding (both layouts keep lm_head at the top).
+PEFT_LM_HEAD_KEY = "base_model.model.lm_head.weight"
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 
@@ -417,11 +419,17 @@ def to_peft_state_dict(params: Mapping[str, Any], config: Gemma3Config,
 
 def export_peft_adapter(params: Mapping[str, Any], config: Gemma3Config,
                         out_dir: str | os.PathLike, base_model: str = "",
-                        layout: str = CAUSAL_LM) -> str:
-  """Writes a PEFT LoRA adapter directory (``adapter_config.json`` + safetensors, float32).
+                        layout: str = CAUSAL_LM, embedding: bool = True) -> str:
+  """Writes a PEFT LoRA adapter directory (``adapter_config.json`` + safetensors).
 
-  Only the low-rank matrices are written; the embedding table that AnatomiX step 2 also trains
-  is in the merged export (``export_gemma3``), which is the complete model.
+  ``peft.PeftModel.from_pretrained(base, out_dir)`` then reproduces ``params``: the LoRA matrices
+  (float32) and, with ``embedding``, the embedding table (its dtype) as PEFT stores a
+  ``modules_to_save`` module: ``modules_to_save: ["embed_tokens"]`` with ``ensure_weight_tying``
+  (the tied ``lm_head`` then shares the adapter's table, as in our model) and the table under both
+  ``…embed_tokens.weight`` and ``base_model.model.lm_head.weight`` (PEFT's own save writes and its
+  load needs both). Pass ``embedding=False`` only when the table is the base's (it did not
+  train); a table with more rows than the base's needs ``base.resize_token_embeddings(rows)``
+  before loading.
 
   Returns:
     The path of the adapter weight file.
@@ -435,8 +443,25 @@ def export_peft_adapter(params: Mapping[str, Any], config: Gemma3Config,
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank, "lora_alpha": spec.alpha,
       "lora_dropout": spec.dropout, "target_modules": sorted(spec.targets), "bias": "none",
       "fan_in_fan_out": False, "base_model_name_or_path": base_model}
+  if embedding:
+    table = np.asarray(jax.device_get(nn.unbox(params)["embedder"]["embedding"]))
+    state[f"{PEFT_PREFIXES[layout]}embed_tokens.weight"] = state[PEFT_LM_HEAD_KEY] = table
+    adapter_config.update(modules_to_save=["embed_tokens"], ensure_weight_tying=True)
   with open(os.path.join(out_dir, ADAPTER_CONFIG_FILE), "w", encoding="utf-8") as f:
     json.dump(adapter_config, f, indent=2)
   path = os.path.join(out_dir, ADAPTER_FILE)
   save_file(state, path, metadata={"format": "pt"})
   return path
+
+
+# --- One tensor ------------------------------------------------------------------------------------
+
+def read_embedding(model_dir: str | os.PathLike) -> np.ndarray:
+  """The input embedding table [V, H] of a Gemma3 / MedGemma directory, as stored (float32 or
+  ``ml_dtypes.bfloat16``); only that tensor is read (e.g. to compare with a checkpoint's copy)."""
+  _, layout = read_config(model_dir)
+  checkpoint = _Checkpoint(_model_dir(model_dir))
+  try:
+    return checkpoint.get(_prefix(checkpoint, layout) + ANCHOR_KEY)
+  finally:
+    checkpoint.close()

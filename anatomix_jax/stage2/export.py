@@ -4,7 +4,9 @@ Writes, under ``{workdir}/export/step_{N}/``:
   ``lm/``          the language model with LoRA merged and the trained embedding table, as a
                    Hugging Face ``Gemma3ForCausalLM`` directory (config.json, model.safetensors) plus
                    the tokenizer — ``transformers.AutoModelForCausalLM.from_pretrained`` loads it;
-  ``adapter/``     the LoRA matrices alone in PEFT's format (finetune checkpoints);
+  ``adapter/``     a PEFT adapter (finetune checkpoints): the LoRA matrices and the trained embedding
+                   table as ``modules_to_save``, so ``peft.PeftModel.from_pretrained(base, adapter)``
+                   equals ``lm/``;
   ``projection_heads.safetensors``  the image/object projection heads in the reference's naming
                    (``image_projectionhead.proj.{0,2,3}.{weight,bias}``, torch layout).
 """
@@ -56,7 +58,7 @@ def export(config: Any, workdir: str) -> dict:
   if run.model_config.lm.lora.rank:
     written["adapter"] = hf_gemma3.export_peft_adapter(
         params["lm"], run.model_config.lm, os.path.join(out_dir, "adapter"),
-        base_model=os.path.abspath(run.base_dir))
+        base_model=os.path.abspath(run.base_dir), embedding="embedding" in run.groups)
   heads = os.path.join(out_dir, "projection_heads.safetensors")
   save_file(projection_head_tensors(params), heads, metadata={"format": "pt"})
   written["projection_heads"] = heads
