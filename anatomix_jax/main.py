@@ -1,10 +1,11 @@
 """Entry point: ``python -m anatomix_jax.main --config=configs/stage1.py[:demo] --workdir=DIR``.
 
-Flags: ``--mode=train|eval|build_rag|export|predict|compile_check``; ``--config.a.b=value``
-overrides any config field (the config is locked, so an unknown key fails at flag parsing, before
-any work starts). Multi-process runs (TPU pod slices, SLURM, or explicit ``--coordinator_address``)
-initialise ``jax.distributed`` first; a single machine skips it. ``--mode=compile_check
---topology=v5e:2x4`` compiles the train step for a TPU topology without TPUs (libtpu extra).
+Flags: ``--mode=train|eval|build_rag|export|predict|compile_check|import|export_original``;
+``--config.a.b=value`` overrides any config field (the config is locked, so an unknown key fails
+at flag parsing, before any work starts). Multi-process runs (TPU pod slices, SLURM, or explicit
+``--coordinator_address``) initialise ``jax.distributed`` first; a single machine skips it.
+``--mode=compile_check --topology=v5e:2x4`` compiles the train step for a TPU topology without
+TPUs (libtpu extra).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:ar
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and data.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "build_rag", "export", "predict",
-                                                   "compile_check"],
+                                            "compile_check", "import", "export_original"],
                           "train: stage 1 or 2 (resumes); eval: score a stage-1 checkpoint, or a "
                           "stage-2 one with configs/eval.py (all tasks' test records, the paper's "
                           "metrics); build_rag: the per-anatomy sentence database from a stage-1 "
@@ -28,7 +29,8 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "build_rag", "expor
                           "heads; predict: a stage-2 checkpoint on image files (configs/predict.py); "
                           "compile_check: compile the config's train step for --topology "
                           "(libtpu, no TPU needed) and report memory, FLOPs and a roofline "
-                          "step time.")
+                          "step time; import / export_original: the original AnatomiX's "
+                          "checkpoint files in / out (configs/original.py).")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "--mode=compile_check: a TPU topology such as "
                                 "v5e:2x4, v5p:2x2x1 or v5e:16x16.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
@@ -106,6 +108,8 @@ RUNNERS = {
                          ("evaluate", "configs/eval.py")),
     ("stage2", "predict"): ("anatomix_jax.stage2.predict", "predict",
                             ("predict", "configs/predict.py")),
+    ("original", "import"): ("anatomix_jax.original", "run_import", None),
+    ("original", "export_original"): ("anatomix_jax.original", "run_export", None),
 }
 
 
@@ -114,7 +118,7 @@ def _runner(config, mode: str):
   import importlib  # pylint: disable=import-outside-toplevel
 
   stage = config.get("stage")
-  if stage not in ("stage1", "stage2"):
+  if stage not in ("stage1", "stage2", "original"):
     raise app.UsageError(f"config stage {stage!r} is not runnable by this build")
   if (stage, mode) not in RUNNERS:
     modes = sorted(m for s, m in RUNNERS if s == stage)

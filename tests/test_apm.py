@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import functools
 import math
 import pathlib
@@ -463,10 +464,18 @@ def test_load_reference_checkpoint_files(tiny, tmp_path):
               "epoch": 3}, pt_path)
   params, batch_stats = convert.load_reference_checkpoint(pt_path, TINY)
   assert jax.tree.all(jax.tree.map(np.array_equal, batch_stats, tiny["batch_stats"]))
-  # A training checkpoint with pickled objects is refused (weights_only), naming the file.
-  bad_path = tmp_path / "training.pth"
-  torch.save({"model": {}, "args": argparse.Namespace(lr=1.0)}, bad_path)
-  with pytest.raises(ValueError, match=f"{bad_path}: holds a argparse.Namespace object"):
+  # The original's training checkpoint (its argparse args hold pathlib paths) is read; any other
+  # class is refused (weights-only unpickler), naming the file and the class.
+  train_path = tmp_path / "training.pth"
+  args = argparse.Namespace(output_dir=pathlib.PosixPath("/runs/apm"),
+                            training=argparse.Namespace(lr=1e-4))
+  torch.save({"model": {f"vis_model.{k}": torch.from_numpy(v) for k, v in tiny["state"].items()},
+              "epoch": 3, "args": args, "best_loss": 0.5}, train_path)
+  params, _ = convert.load_reference_checkpoint(train_path, TINY)
+  assert jax.tree.all(jax.tree.map(np.array_equal, params, tiny["params"]))
+  bad_path = tmp_path / "other.pth"
+  torch.save({"model": {}, "args": argparse.Namespace(when=datetime.date(2024, 1, 1))}, bad_path)
+  with pytest.raises(ValueError, match=f"{bad_path}: holds a datetime.date object"):
     convert.load_reference_checkpoint(bad_path, TINY)
   missing = dict(tiny["state"])
   del missing["input_proj.bias"]

@@ -22,6 +22,7 @@ LAYERS = {
     "stage1": 6,
     "stage2": 7,                         # uses stage 1's trained APM (stage1.load)
     "aot": 8,                            # ahead-of-time compiles of both stages' steps
+    "original": 8,                       # the original AnatomiX's files in and out, both stages
     "main": 9,
 }
 

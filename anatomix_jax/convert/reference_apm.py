@@ -295,31 +295,63 @@ def to_torch_state_dict(params: Any, batch_stats: Any,
   return out
 
 
-def load_reference_checkpoint(path: str | os.PathLike, config: APMConfig | Mapping[str, Any]
-                              ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Reads a reference APM checkpoint file and converts it (see ``from_torch_state_dict``).
+def _is_tensor(value: Any) -> bool:
+  return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def read_reference_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """A reference APM file's state dict and, for a training checkpoint, its other entries.
 
   Args:
-    path: a ``.safetensors`` file, or a PyTorch file (read with ``torch.load(weights_only=True)``,
-      never plain pickle) holding a state dict or a dict with a ``model``/``state_dict`` entry.
-    config: the APM config of the checkpoint.
+    path: a ``.safetensors`` state dict, or a PyTorch file (torch's weights-only unpickler, never
+      plain pickle; the original's ``argparse.Namespace`` args and ``pathlib`` paths are allowed,
+      any other class is refused) holding a bare state dict or a dict with a ``model`` (or
+      ``state_dict``) entry, as ``train_apm.py`` saves: ``{"model", "vis_optimizer",
+      "text_optimizer", "lr_scheduler", "epoch", "args", "best_loss"}``.
 
   Returns:
-    ``(params, batch_stats)``.
+    ``(state, extras)``: torch key → NumPy array (as saved: ``vis_model.``/``text_model.``
+    prefixes kept), and the file's other top-level entries (``{}`` for a bare state dict).
+
+  Raises:
+    FileNotFoundError: no such file. ValueError: naming the file and the entry: unreadable or
+      truncated, a refused class, no ``model`` entry, or a non-tensor where a tensor belongs.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such checkpoint file")
   if path.endswith(".safetensors"):
-    state = read_safetensors(path)
+    return {k: to_numpy(v) for k, v in read_safetensors(path).items()}, {}
+  obj = read_torch_file(path, allow_original_types=True)
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{path}: expected a state dict or a checkpoint dict, got "
+                     f"{type(obj).__name__}")
+  entry = next((e for e in ("model", "state_dict") if isinstance(obj.get(e), Mapping)), None)
+  if entry is not None:
+    state, extras = obj[entry], {k: v for k, v in obj.items() if k != entry}
+  elif obj and all(_is_tensor(v) for v in obj.values()):
+    state, extras = obj, {}
   else:
-    state = read_torch_file(path)
-    if isinstance(state, Mapping):
-      for entry in ("model", "state_dict"):
-        if isinstance(state.get(entry), Mapping):
-          state = state[entry]
-          break
-    if not isinstance(state, Mapping):
-      raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-  state = {k: to_numpy(v) for k, v in state.items()}
-  return from_torch_state_dict(state, config, source=path)
+    raise ValueError(f"{path}: no 'model' entry holding the state dict (top-level keys: "
+                     f"{key_list([str(k) for k in obj])})")
+  for key, value in state.items():
+    if not isinstance(key, str) or not _is_tensor(value):
+      raise ValueError(f"{path}: {entry or 'state dict'}[{key!r}] is a {type(value).__name__}, "
+                       "expected a tensor")
+  return {k: to_numpy(v) for k, v in state.items()}, extras
+
+
+def load_reference_checkpoint(path: str | os.PathLike, config: APMConfig | Mapping[str, Any]
+                              ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Reads a reference APM checkpoint file and converts it (see ``from_torch_state_dict``).
+
+  Args:
+    path: a ``.safetensors`` file, or a PyTorch file (see ``read_reference_file``: a state dict,
+      or a training checkpoint with its ``args``; no class beyond the original's is unpickled).
+    config: the APM config of the checkpoint.
+
+  Returns:
+    ``(params, batch_stats)``.
+  """
+  state, _ = read_reference_file(path)
+  return from_torch_state_dict(state, config, source=os.fspath(path))
