@@ -29,10 +29,12 @@ def get_config(arg=None):
   c.lm_checkpoint = ""      # src/models/anatomix.py's model.pt, or a checkpoint-N/ directory
   c.lm_model_dir = ""       # the local MedGemma / Gemma3 HF directory it was trained from
   # The original's PEFT model trains separate copies of the input table (embed_tokens) and the
-  # output table (lm_head); this project's LM ties them. "tied": import only if the two agree
-  # (error naming the largest difference otherwise); "embed_tokens" / "lm_head": keep that copy
-  # (the imported model then differs from the original where the other copy was trained).
-  c.lm_table = "tied"
+  # output table (lm_head). "untied": keep both (the imported LM gets its own output table,
+  # lm.tie_word_embeddings = False, trained with the embedding if finetuned further): the
+  # original's model exactly. "tied": one table, only if the two agree (error naming the largest
+  # difference otherwise); "embed_tokens" / "lm_head": keep that copy (the imported model then
+  # differs from the original where the other copy was trained).
+  c.lm_table = "untied"
   # --- export: workdirs trained here (import: stage1_workdir stands in for apm_checkpoint) ----
   c.stage1_workdir = ""
   c.stage2_workdir = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -415,3 +416,75 @@ def test_scan_layers_matches_torch_and_the_layer_loop(causal, loaded, tmp_path):
                                      positions=jnp.zeros((3, 1), jnp.int32),
                                      attention_mask=jnp.ones((3, 16), jnp.int32), cache=cache,
                                      cache_index=0)
+
+
+# --- Untied output table --------------------------------------------------------------------------
+
+def test_untied_output_table_matches_torch(causal, loaded, multimodal, tmp_path):
+  """``tie_word_embeddings=False``: HF's separate ``lm_head.weight`` loads as ``embedder/lm_head``
+  (same logical axes as the embedding) and gives the logits of Gemma3ForCausalLM (full forward,
+  KV-cache decode, greedy ``generate``) and of the MedGemma layout; export writes it back; a tied
+  checkpoint loaded untied starts with a copy of its table (the same logits)."""
+  from anatomix_jax.models import generate as gen  # noqa: PLC0415
+
+  torch.manual_seed(0)
+  torch_model = transformers.Gemma3ForCausalLM(_text_config(
+      final_logit_softcapping=5.0, tie_word_embeddings=False, attn_implementation="eager")).eval()
+  _randomize(torch_model)
+  assert torch_model.lm_head.weight.data_ptr() != torch_model.model.embed_tokens.weight.data_ptr()
+  torch_model.save_pretrained(tmp_path / "untied")
+  config, params = hf_gemma3.load_gemma3(tmp_path / "untied")
+  assert not config.tie_word_embeddings and sorted(params["embedder"]) == ["embedding", "lm_head"]
+  np.testing.assert_array_equal(params["embedder"]["lm_head"],
+                                torch_model.lm_head.weight.detach().numpy())
+  specs = nn.get_partition_spec(gemma3.abstract_variables(config))["params"]["embedder"]
+  assert specs["lm_head"] == specs["embedding"] == jax.P("vocab", "embed")
+  ids, mask = _prompts("right")
+  real = _real(mask)
+  ref = _torch_logits(torch_model, ids, mask)
+  got = _jax_logits(config, params, ids, mask)
+  assert np.abs(ref[real]).max() > 1.0
+  print(f"untied float32 logits max |ours - torch| = {np.abs(got[real] - ref[real]).max():.2e}")
+  np.testing.assert_allclose(got[real], ref[real], atol=1e-5, rtol=0)
+  # The output table matters: with the input table the logits differ.
+  tied = _jax_logits(dataclasses.replace(config, tie_word_embeddings=True),
+                     {k: v for k, v in params.items() if k != "embedder"}
+                     | {"embedder": {"embedding": params["embedder"]["embedding"]}}, ids, mask)
+  assert np.abs(tied[real] - got[real]).max() > 0.1
+  # Decoding: the first new token by KV cache equals the full forward; greedy ids equal torch's.
+  prompt = [int(x) for x in ids[0]]
+  tokens, pmask = gen.left_pad([prompt])
+  out = gen.generate(config, params, tokens=tokens, attention_mask=pmask, max_new_tokens=6)
+  with torch.no_grad():
+    want = torch_model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(
+        1, len(prompt), dtype=torch.long), do_sample=False, max_new_tokens=6, pad_token_id=0,
+        eos_token_id=None)[0, len(prompt):].numpy()
+  np.testing.assert_array_equal(np.asarray(out["tokens"])[0], want)
+  # Export: lm_head.weight stored, config untied; transformers and our loader read it back.
+  hf_gemma3.export_gemma3(params, config, tmp_path / "out")
+  with open(tmp_path / "out" / "config.json") as f:
+    assert json.load(f)["tie_word_embeddings"] is False
+  reloaded = transformers.Gemma3ForCausalLM.from_pretrained(
+      tmp_path / "out", attn_implementation="eager").eval()
+  np.testing.assert_array_equal(_torch_logits(reloaded, ids, mask), ref)
+  config2, params2 = hf_gemma3.load_gemma3(tmp_path / "out")
+  assert config2 == config
+  jax.tree.map(np.testing.assert_array_equal, params2, params)
+  with pytest.raises(ValueError, match="tie_word_embeddings=True cannot override an untied"):
+    hf_gemma3.load_gemma3(tmp_path / "out", tie_word_embeddings=True)
+  # A tied checkpoint loaded untied: lm_head starts as the table's copy, the logits unchanged.
+  config3, params3 = hf_gemma3.load_gemma3(causal[0], tie_word_embeddings=False)
+  assert not config3.tie_word_embeddings
+  np.testing.assert_array_equal(params3["embedder"]["lm_head"], loaded[1]["embedder"]["embedding"])
+  np.testing.assert_array_equal(_jax_logits(config3, params3, ids, mask),
+                                _jax_logits(*loaded, ids, mask))
+  # The MedGemma layout, untied (the top-level flag, as Gemma3ForConditionalGeneration reads it).
+  mm = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+      text_config=_text_config().to_dict(), vision_config=multimodal[1].config.vision_config,
+      mm_tokens_per_image=4, tie_word_embeddings=False, attn_implementation="eager")).eval()
+  _randomize(mm)
+  mm.save_pretrained(tmp_path / "mm")
+  config4, params4 = hf_gemma3.load_gemma3(tmp_path / "mm")
+  assert not config4.tie_word_embeddings
+  np.testing.assert_allclose(_jax_logits(config4, params4, ids, mask)[real],
+                             _torch_logits(mm, ids, mask)[real], atol=1e-5, rtol=0)

@@ -164,6 +164,54 @@ def test_peft_from_pretrained_reproduces_trained_lora_and_embedding(params, tmp_
     assert "modules_to_save" not in json.load(f)
 
 
+def test_peft_from_pretrained_reproduces_untied_tables(params, tmp_path):
+  """An untied LM (``tie_word_embeddings=False``: the original AnatomiX's separately trained
+  ``embed_tokens`` and ``lm_head`` copies) → ``modules_to_save: ["embed_tokens", "lm_head"]``
+  without weight tying; ``PeftModel.from_pretrained`` on the TIED base (MedGemma's case) gives each
+  its own copy and reproduces our logits; the merged export is an untied Gemma3ForCausalLM."""
+  base, full = params
+  untied = dataclasses.replace(LORA, tie_word_embeddings=False)
+  table = full["embedder"]["embedding"]
+  noise = lambda seed: 0.5 * jax.random.normal(jax.random.key(seed), table.shape)  # noqa: E731
+  trained = dict(full, embedder={"embedding": table + noise(9), "lm_head": table + noise(10)})
+  hf_gemma3.export_gemma3(base, BASE, tmp_path / "base")
+  adapter_file = hf_gemma3.export_peft_adapter(trained, untied, tmp_path / "adapter",
+                                               base_model=str(tmp_path / "base"))
+  with open(tmp_path / "adapter" / hf_gemma3.ADAPTER_CONFIG_FILE) as f:
+    adapter_config = json.load(f)
+  assert adapter_config["modules_to_save"] == ["embed_tokens", "lm_head"]
+  assert "ensure_weight_tying" not in adapter_config
+  tensors = load_file(adapter_file)
+  np.testing.assert_array_equal(tensors["base_model.model.model.embed_tokens.weight"],
+                                np.asarray(trained["embedder"]["embedding"]))
+  np.testing.assert_array_equal(tensors["base_model.model.lm_head.weight"],
+                                np.asarray(trained["embedder"]["lm_head"]))
+  hf_gemma3.export_gemma3(trained, untied, tmp_path / "merged")
+  ids, mask = _inputs()
+  got = _logits(untied, trained, ids, mask)
+  real = mask.astype(bool)
+  one_table = dict(trained, embedder={"embedding": trained["embedder"]["embedding"]})
+  assert np.abs(got[real] - _logits(LORA, one_table, ids, mask)[real]).max() > 1e-1
+
+  def hf_logits(model):
+    with torch.no_grad():
+      return model.eval()(input_ids=torch.tensor(ids, dtype=torch.long),
+                          attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
+
+  def load(path):
+    return transformers.Gemma3ForCausalLM.from_pretrained(path, attn_implementation="eager")
+
+  # PEFT warns about exactly the original AnatomiX's setup: a tied base, both tables saved.
+  with pytest.warns(UserWarning, match="`ensure_weight_tying` is not set"):
+    model = peft.PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "adapter")
+  print(f"untied PEFT adapter: max |ours - PeftModel| = "
+        f"{np.abs(hf_logits(model)[real] - got[real]).max():.2e}")
+  np.testing.assert_allclose(hf_logits(model)[real], got[real], atol=1e-4, rtol=0)
+  merged = load(tmp_path / "merged")
+  assert not merged.config.tie_word_embeddings
+  np.testing.assert_allclose(hf_logits(merged)[real], got[real], atol=1e-4, rtol=0)
+
+
 def test_merged_export_equals_unmerged(params, tmp_path):
   _, full = params
   ids, mask = _inputs()

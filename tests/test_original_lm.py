@@ -6,7 +6,8 @@ heads; the dtypes PEFT gives a bfloat16 base), imported into a finetune workdir,
 our logits against a torch re-enactment of the original's forward (LoRA merged as
 W + (alpha/r)·B·A, its heads, the embeddings written at the placeholder tokens) and against the
 PEFT model the original itself builds and loads; export back gives the same file; the workdir
-serves --mode=predict and init_from; bad inputs are named.
+serves --mode=predict and init_from; differing embed_tokens / lm_head copies import as an untied LM
+(both tables); bad inputs are named.
 """
 
 from __future__ import annotations
@@ -232,6 +233,7 @@ def test_import_writes_a_finetune_workdir(imported, model_pt):
   workdir, info = imported
   assert info["step"] == 7 and info["source"].endswith("checkpoint-7/model.pt")
   assert (info["rank"], info["alpha"], info["lm_head_max_abs_diff"]) == (RANK, ALPHA, 0.0)
+  assert info["table"] == "tied"  # the default for equal copies: one table, the same logits
   assert sorted(os.listdir(os.path.dirname(workdir))) == ["workdir"]  # no temporary left
   config, step = inference.training_config(workdir)
   assert step == 7 and config.phase == "finetune" and config.lm.lora.rank == RANK
@@ -374,8 +376,6 @@ def _untie(lm):
     (lambda lm: None, {"lm.lora.targets": ("q_proj", "v_proj")},
      r"model.pt: LM.core_model.base_model.*\.(k|o|gate|up|down)_proj.lora_[AB].default.weight: .* "
      r"is not a LoRA target"),
-    (_untie, {}, r"model.pt: the input table .*embed_tokens.modules_to_save.default.weight and the "
-                 r"output table .*lm_head.modules_to_save.default.weight differ"),
     (lambda lm: lm["core_model"].update({
         f"{PREFIX}embed_tokens.original_module.weight":
             lm["core_model"][f"{PREFIX}embed_tokens.original_module.weight"] * 2}), {},
@@ -396,12 +396,62 @@ def test_bad_model_pt_is_named(base, apm_workdir, model_pt, tmp_path, edit, over
                                or os.listdir(tmp_path / "out") == [])
 
 
+def _train_apart(lm):
+  """The original's lm_head copy trained apart from its embed_tokens copy (stored bfloat16)."""
+  key = f"{HEAD}modules_to_save.default.weight"
+  torch.manual_seed(6)
+  lm["core_model"][key] = (lm["core_model"][key].float()
+                           + 0.05 * torch.randn(VOCAB, HIDDEN)).to(torch.bfloat16)
+
+
+def test_untied_tables_import_both_by_default(base, apm_workdir, model_pt, trained, tmp_path):
+  """Differing embed_tokens / lm_head copies → an untied LM by default (the workdir's config sets
+  lm.tie_word_embeddings = False; the finetune phase trains both tables): the original's forward
+  with both tables, and export writes the same file back."""
+  lm = {"core_model": dict(model_pt[1]["core_model"]), "wrapper": dict(model_pt[1]["wrapper"])}
+  _train_apart(lm)
+  path = tmp_path / "model.pt"
+  torch.save({"apm": None, "LM": lm}, path)
+  workdir = str(tmp_path / "w")
+  info = original.import_lm(str(path), base[0], apm_workdir[0], workdir, overrides=OVERRIDES)
+  assert info["table"] == "untied" and info["lm_head_max_abs_diff"] > 0.05
+  config, _ = inference.training_config(workdir)
+  assert config.lm.tie_word_embeddings is False
+  untied = inference.load(_eval_config(), workdir)
+  assert not untied.run.model_config.lm.tie_word_embeddings
+  assert sorted(untied.run.groups) == ["embedding", "lora", "projection"]
+  assert {"lm/embedder/embedding", "lm/embedder/lm_head"} <= {
+      "/".join(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(
+          steps.split(jax.device_get(untied.params), untied.run.groups)[0])}
+  tok = untied.run.tok
+  ids = _prompt(tok)
+  image, objects = _features()
+  ours = _our_logits(untied, ids, image, objects)
+  ref = _reenacted_logits(base[0], lm, ids, image, objects, tok)
+  print(f"untied import: max |ours - original's forward| = {np.abs(ours - ref).max():.2e}")
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+  assert np.abs(ours - _our_logits(trained, ids, image, objects)).max() > 0.1  # lm_head matters
+  got = _read(original.export_lm(workdir, str(tmp_path / "out.pt"))["path"])["LM"]
+  for part in ("core_model", "wrapper"):
+    assert list(got[part]) == list(lm[part])
+    for key, value in lm[part].items():
+      assert got[part][key].dtype == value.dtype and torch.equal(got[part][key], value), key
+  # table="tied" refuses the differing copies, naming both keys.
+  with pytest.raises(original.OriginalCheckpointError,
+                     match=r"model.pt: the input table .*embed_tokens.modules_to_save.default"
+                           r".weight and the output table .*lm_head.modules_to_save.default"
+                           r".weight differ .*table='untied'"):
+    original.import_lm(str(path), base[0], apm_workdir[0], str(tmp_path / "t"),
+                       overrides=OVERRIDES, table="tied")
+  assert not (tmp_path / "t").exists()
+
+
 def test_untied_tables_import_one_copy_on_request(base, apm_workdir, model_pt, tmp_path):
   # Saved as LMModel.save_pretrained(path) writes it (src/models/LM.py): the LM dict alone.
   path = _variant(model_pt[1], tmp_path, lambda lm: _untie(lm) or lm)
   info = original.import_lm(path, base[0], apm_workdir[0], str(tmp_path / "w"),
                             overrides=OVERRIDES, table="lm_head")
-  assert info["lm_head_max_abs_diff"] > 0.9 and info["step"] == 0
+  assert info["lm_head_max_abs_diff"] > 0.9 and info["step"] == 0 and info["table"] == "lm_head"
 
 
 def test_base_without_rows_for_the_anatomix_tokens(base, apm_workdir, model_pt, tmp_path):
@@ -448,6 +498,7 @@ def test_import_and_export_commands_run_the_library(base, apm_workdir, model_pt,
   config.update(dict(lm_checkpoint=model_pt[0], lm_model_dir=base[0], stage1_workdir=apm_workdir[0]))
   written = commands.run_import(config, str(tmp_path / "imported"))
   assert written["stage2"]["workdir"] == str(tmp_path / "imported" / "stage2")
+  assert written["stage2"]["table"] == config.lm_table == "untied"  # both copies, equal here
   assert not os.path.exists(tmp_path / "imported" / "stage1")  # no APM file given: none written
   export = original_config.get_config()
   export.stage2_workdir = written["stage2"]["workdir"]

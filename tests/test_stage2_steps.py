@@ -159,3 +159,29 @@ def test_chunked_loss_equals_full_logits(params, chunk):
   _, full_grads = jax.value_and_grad(loss)(params, 0)
   for (path, g), h in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(full_grads)):
     np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_untied_lm_trains_both_tables_and_chunks_its_loss():
+  """``tie_word_embeddings=False``: the finetune "embedding" group holds the input table and the
+  output table ``lm/embedder/lm_head``; the chunked loss uses lm_head (loss and grads equal the
+  full-logits ones) and both tables get gradients."""
+  config = dataclasses.replace(CONFIG, lm=dataclasses.replace(LM, tie_word_embeddings=False))
+  params = jax.device_get(anatomix.init_params(config, jax.random.key(4)))
+  trainable, frozen = steps.split(params, steps.PHASE_GROUPS["finetune"])
+  assert {"lm/embedder/embedding", "lm/embedder/lm_head"} <= set(_flat(trainable))
+  assert not any(k.startswith("lm/embedder/") for k in _flat(frozen))
+  model = anatomix.AnatomiX(config)
+  batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+  loss = lambda t, c: steps.loss_and_count(  # noqa: E731
+      model, anatomix.combine(frozen, t), batch, loss_chunk=c)[0]
+  chunked, grads = jax.value_and_grad(loss)(trainable, 5)
+  full, full_grads = jax.value_and_grad(loss)(trainable, 0)
+  np.testing.assert_allclose(float(chunked), float(full), rtol=1e-6)
+  g, h = _flat(grads), _flat(full_grads)
+  for key in ("lm/embedder/embedding", "lm/embedder/lm_head"):
+    assert np.abs(g[key]).max() > 0, key
+    np.testing.assert_allclose(g[key], h[key], rtol=1e-4, atol=1e-6, err_msg=key)
+  # The output table is lm_head: tying it to the input table changes the loss.
+  tied = jax.tree.map(lambda x: x, trainable)
+  tied["lm"]["embedder"]["lm_head"] = tied["lm"]["embedder"]["embedding"]
+  assert abs(float(loss(tied, 0)) - float(full)) > 1e-3

@@ -22,6 +22,11 @@ Weights map onto our leaves through a declarative NAME TABLE (``name_table(confi
   ``linear``          [out, in] → [in, out] (MLP)
   ``heads_kernel``    q/k/v [n·D, H] → [H, n, D] (n = N for q, KV for k/v)
   ``out_proj_weight`` o_proj [H, N·D] → [N, D, H]
+
+Untied output table (``tie_word_embeddings: false`` in ``config.json``, or the override
+``tie_word_embeddings=False``): ``lm_head.weight`` [V, H] (``LM_HEAD_KEYS``, beside the text model)
+↔ ``embedder/lm_head``, copied. A tied checkpoint loaded untied starts ``lm_head`` as a copy of
+the embedding table (what PEFT's separate ``modules_to_save`` copies of a tied table start from).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from anatomix_jax.convert.tensors import (
     TRANSFORMS, HFRule, Transform, get_path, key_list, read_bf16_tensor, set_path)
 from anatomix_jax.models import lora as lora_lib
 from anatomix_jax.models.gemma3 import abstract_variables, stack_layers, unstack_layers
-from anatomix_jax.models.gemma3_config import Gemma3Config
+from anatomix_jax.models.gemma3_config import Gemma3Config, hf_ties_embeddings
 from anatomix_jax.core.sharding import logical_shardings, unbox
 
 Path = tuple[str, ...]
@@ -58,11 +63,17 @@ MODEL_TYPES = {"gemma3_text": CAUSAL_LM, "gemma3": CONDITIONAL}  # when architec
 # Key prefixes of the text model per layout, in order of preference.
 LAYOUT_PREFIXES = {CAUSAL_LM: ("model.",),
                    CONDITIONAL: ("language_model.model.", "model.language_model.")}
-# Tensors that are not part of the text model (or tied to it) and are skipped.
+# Tensors that are not part of the text model (or tied to it) and are skipped (an untied lm_head
+# is read on its own: LM_HEAD_KEYS).
 IGNORED_KEYS = re.compile(
     r"^(vision_tower\.|multi_modal_projector\.|lm_head\.|language_model\.lm_head\.|"
     r"model\.vision_tower\.|model\.multi_modal_projector\.)")
 ANCHOR_KEY = "embed_tokens.weight"
+# The untied output table's key for each text-model prefix (it sits beside the text model).
+LM_HEAD_KEYS = {"model.": "lm_head.weight",
+                "language_model.model.": "language_model.lm_head.weight",
+                "model.language_model.": "lm_head.weight"}
+LM_HEAD_PATH = ("embedder", "lm_head")
 
 
 class Gemma3LoadError(ValueError):
@@ -161,14 +172,23 @@ def layout_of(hf_config: Mapping[str, Any], source: str = CONFIG_FILE) -> str:
 
 
 def read_config(model_dir: str | os.PathLike, **overrides: Any) -> tuple[Gemma3Config, str]:
-  """Reads ``config.json``: (config, layout). ``overrides`` are our own fields (dtype, remat…)."""
+  """Reads ``config.json``: (config, layout). ``overrides`` are our own fields (dtype, remat…,
+  ``tie_word_embeddings=False`` to untie a tied model)."""
+  config, layout, _ = _read_config(model_dir, **overrides)
+  return config, layout
+
+
+def _read_config(model_dir: str | os.PathLike, **overrides: Any
+                 ) -> tuple[Gemma3Config, str, bool]:
+  """``read_config`` + whether the file itself ties the output table."""
   path = os.path.join(_model_dir(model_dir), CONFIG_FILE)
   hf_config = _read_json(path)
   layout = layout_of(hf_config, path)
   try:
-    return Gemma3Config.from_hf_dict(hf_config, **overrides), layout
+    config = Gemma3Config.from_hf_dict(hf_config, **overrides)
   except (ValueError, TypeError) as err:
     raise Gemma3LoadError(f"{path}: {err}") from err
+  return config, layout, hf_ties_embeddings(hf_config)
 
 
 class _Checkpoint:
@@ -263,8 +283,8 @@ def load_gemma3(model_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = N
     Gemma3LoadError: naming the file and the offending setting or tensor (unknown
       architecture/model_type, missing tensor, shape mismatch with the config).
   """
-  config, layout = read_config(model_dir, dtype=dtype, param_dtype=param_dtype,
-                               **config_overrides)
+  config, layout, file_tied = _read_config(model_dir, dtype=dtype, param_dtype=param_dtype,
+                                           **config_overrides)
   if config.scan_layers:
     # Read per layer onto the host, stack along the scanned axis, then place. (This holds the
     # whole model in host memory once, unlike the per-tensor path below.)
@@ -279,7 +299,9 @@ def load_gemma3(model_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = N
   checkpoint = _Checkpoint(_model_dir(model_dir))
   prefix = _prefix(checkpoint, layout)
   expected = expected_hf_shapes(config)
+  head_key = None if config.tie_word_embeddings or file_tied else LM_HEAD_KEYS[prefix]
   missing = [prefix + k for k in expected if prefix + k not in checkpoint.files]
+  missing += [head_key] if head_key and head_key not in checkpoint.files else []
   if missing:
     raise Gemma3LoadError(f"{checkpoint.source}: missing tensor(s) {key_list(missing)}")
   unexpected = [k for k in checkpoint.keys()
@@ -293,20 +315,30 @@ def load_gemma3(model_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = N
     if found != shape:
       raise Gemma3LoadError(f"{checkpoint.files[prefix + key]}: tensor {prefix + key} has shape "
                             f"{found}, but the config gives {shape}")
+  table_shape = (config.vocab_size, config.hidden_size)
+  if head_key and checkpoint.shape(head_key) != table_shape:
+    raise Gemma3LoadError(f"{checkpoint.files[head_key]}: tensor {head_key} has shape "
+                          f"{checkpoint.shape(head_key)}, but the config gives {table_shape}")
   shardings = None
   if mesh is not None:
     shardings = logical_shardings(abstract_variables(config)["params"], mesh,
                                   DEFAULT_RULES if rules is None else rules)
   params: dict[str, Any] = {}
+
+  def put(path: Path, array: np.ndarray) -> None:
+    array = np.ascontiguousarray(array.astype(config.params_dtype))
+    if shardings is not None:
+      sharding = get_path(shardings, path)
+      array = jax.make_array_from_callback(array.shape, sharding, lambda idx, a=array: a[idx])
+    set_path(params, path, array)
+
   try:
     for rule in name_table(config):
       tensor = checkpoint.get(prefix + rule.hf_key)
       (array,) = GEMMA3_TRANSFORMS[rule.kind].to_flax(tensor, rule.heads)
-      array = np.ascontiguousarray(array.astype(config.params_dtype))
-      if shardings is not None:
-        sharding = get_path(shardings, rule.path)
-        array = jax.make_array_from_callback(array.shape, sharding, lambda idx, a=array: a[idx])
-      set_path(params, rule.path, array)
+      put(rule.path, array)
+    if not config.tie_word_embeddings:  # the file's lm_head, or (a tied file) the table's copy
+      put(LM_HEAD_PATH, checkpoint.get(head_key or prefix + ANCHOR_KEY))
   finally:
     checkpoint.close()
   return config, params
@@ -336,6 +368,12 @@ def to_hf_state_dict(params: Mapping[str, Any], config: Gemma3Config,
       raise Gemma3LoadError(f"params {'/'.join(rule.path)} has shape {leaf.shape}, which does not "
                             f"fit {rule.hf_key} {expected[rule.hf_key]} of the config")
     out[prefix + rule.hf_key] = np.ascontiguousarray(tensor)
+  if not config.tie_word_embeddings:
+    try:
+      head = np.asarray(jax.device_get(get_path(params, LM_HEAD_PATH)))
+    except KeyError as err:
+      raise Gemma3LoadError("params lack embedder/lm_head (the untied output table)") from err
+    out[LM_HEAD_KEYS[prefix]] = np.ascontiguousarray(head)
   return out
 
 
@@ -347,8 +385,8 @@ def export_gemma3(params: Mapping[str, Any], config: Gemma3Config, out_dir: str 
     params: ``Gemma3`` params (NumPy or jax arrays, possibly sharded).
     config: their config.
     out_dir: created if needed.
-    layout: only ``causal_lm`` (a text-only ``Gemma3ForCausalLM`` directory; the tied
-      ``lm_head`` is not stored, as transformers does).
+    layout: only ``causal_lm`` (a text-only ``Gemma3ForCausalLM`` directory; a tied
+      ``lm_head`` is not stored, as transformers does; an untied one is).
 
   Returns:
     The path of the weight file.
@@ -424,12 +462,15 @@ def export_peft_adapter(params: Mapping[str, Any], config: Gemma3Config,
 
   ``peft.PeftModel.from_pretrained(base, out_dir)`` then reproduces ``params``: the LoRA matrices
   (float32) and, with ``embedding``, the embedding table (its dtype) as PEFT stores a
-  ``modules_to_save`` module: ``modules_to_save: ["embed_tokens"]`` with ``ensure_weight_tying``
-  (the tied ``lm_head`` then shares the adapter's table, as in our model) and the table under both
-  ``…embed_tokens.weight`` and ``base_model.model.lm_head.weight`` (PEFT's own save writes and its
-  load needs both). Pass ``embedding=False`` only when the table is the base's (it did not
-  train); a table with more rows than the base's needs ``base.resize_token_embeddings(rows)``
-  before loading.
+  ``modules_to_save`` module: tied (``config.tie_word_embeddings``), ``modules_to_save:
+  ["embed_tokens"]`` with ``ensure_weight_tying`` (the tied ``lm_head`` then shares the adapter's
+  table, as in our model) and the table under both ``…embed_tokens.weight`` and
+  ``base_model.model.lm_head.weight`` (PEFT's own save writes and its load needs both); untied,
+  ``modules_to_save: ["embed_tokens", "lm_head"]`` without weight tying, ``embedder/lm_head``
+  under ``base_model.model.lm_head.weight`` (a tied base then gets two separate copies, as the
+  original AnatomiX trains them). Pass ``embedding=False`` only when the tables are the base's
+  (they did not train); a table with more rows than the base's needs
+  ``base.resize_token_embeddings(rows)`` before loading.
 
   Returns:
     The path of the adapter weight file.
@@ -444,9 +485,14 @@ def export_peft_adapter(params: Mapping[str, Any], config: Gemma3Config,
       "lora_dropout": spec.dropout, "target_modules": sorted(spec.targets), "bias": "none",
       "fan_in_fan_out": False, "base_model_name_or_path": base_model}
   if embedding:
-    table = np.asarray(jax.device_get(nn.unbox(params)["embedder"]["embedding"]))
+    embedder = nn.unbox(params)["embedder"]
+    table = np.asarray(jax.device_get(embedder["embedding"]))
     state[f"{PEFT_PREFIXES[layout]}embed_tokens.weight"] = state[PEFT_LM_HEAD_KEY] = table
-    adapter_config.update(modules_to_save=["embed_tokens"], ensure_weight_tying=True)
+    if config.tie_word_embeddings:
+      adapter_config.update(modules_to_save=["embed_tokens"], ensure_weight_tying=True)
+    else:
+      state[PEFT_LM_HEAD_KEY] = np.asarray(jax.device_get(embedder["lm_head"]))
+      adapter_config.update(modules_to_save=["embed_tokens", "lm_head"])
   with open(os.path.join(out_dir, ADAPTER_CONFIG_FILE), "w", encoding="utf-8") as f:
     json.dump(adapter_config, f, indent=2)
   path = os.path.join(out_dir, ADAPTER_FILE)

@@ -5,7 +5,8 @@ The text model of MedGemma-4B (the AnatomiX stage-2 language model; REFERENCE.md
   x      = embed[tokens] · √H                       (the scale rounded to the compute dtype, as HF)
   layer  = x ← x + PostAttnNorm(Attn(InputNorm(x)))
            x ← x + PostFFWNorm(Down(gelu_tanh(Gate(h)) · Up(h))),  h = PreFFWNorm(x)
-  logits = softcap(FinalNorm(x) · embedᵀ)           (tied output embedding; softcap optional)
+  logits = softcap(FinalNorm(x) · embedᵀ)           (tied output embedding; softcap optional;
+                                                     untied: ``lm_head`` instead of embed)
 
 RMSNorm is ``x · rsqrt(mean(x²) + eps) · (1 + w)`` in float32, cast back to the input dtype
 (HF stores ``w``; it is zero-initialised, so no ±1 conversion hooks are needed).
@@ -29,6 +30,7 @@ S slots, with ``attention_mask`` [B, S] marking the filled, non-padding slots.
 
 Parameter layout (logical axis names in parentheses; HF key in brackets):
   ``embedder/embedding`` [V, H] ('vocab', 'embed') [embed_tokens.weight];
+  ``embedder/lm_head`` [V, H] ('vocab', 'embed') [lm_head.weight], only if untied;
   ``layers_{i}/attn/q_proj/kernel`` [H, N, D] ('embed', 'heads', 'kv') [self_attn.q_proj.weight],
   ``…/{k,v}_proj/kernel`` [H, KV, D] ('embed', 'kv_heads', 'kv'),
   ``…/o_proj/kernel`` [N, D, H] ('heads', 'kv', 'embed'), ``…/{q,k}_norm/scale`` [D] ('kv',);
@@ -134,7 +136,9 @@ class RMSNorm(nn.Module):
 
 
 class Embedder(nn.Module):
-  """The token embedding [V, H], used for input (scaled by √H) and tied output logits."""
+  """The token embedding [V, H], used for input (scaled by √H) and, tied, for the output logits;
+  with ``tie_word_embeddings=False`` the logits use a separate table ``lm_head`` [V, H] (HF's
+  ``lm_head.weight``, initialised N(0, 0.02) as HF's linear layers)."""
 
   config: Gemma3Config
 
@@ -148,6 +152,9 @@ class Embedder(nn.Module):
 
     self.embedding = self.param("embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
                                 (cfg.vocab_size, cfg.hidden_size), cfg.params_dtype)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = self.param("lm_head", _normal_init(("vocab", "embed")),
+                                (cfg.vocab_size, cfg.hidden_size), cfg.params_dtype)
 
   def encode(self, tokens: Array) -> Array:
     """int[B, T] → float[B, T, H] = embedding[tokens] · √H (scale rounded to the compute dtype)."""
@@ -156,8 +163,10 @@ class Embedder(nn.Module):
     return x * jnp.asarray(math.sqrt(self.config.hidden_size), dtype)
 
   def decode(self, x: Array) -> Array:
-    """float[B, T, H] → float32[B, T, V] logits (tied weights, optional final softcap)."""
-    table = self.embedding.astype(self.config.compute_dtype)
+    """float[B, T, H] → float32[B, T, V] logits (the tied table or ``lm_head``, optional final
+    softcap)."""
+    table = self.embedding if self.config.tie_word_embeddings else self.lm_head
+    table = table.astype(self.config.compute_dtype)
     logits = jnp.einsum("bth,vh->btv", x, table, preferred_element_type=jnp.float32)
     return softcap(logits.astype(jnp.float32), self.config.final_logit_softcapping)
 

@@ -64,6 +64,9 @@ class Gemma3Config:
       ignores this setting; ``from_hf_dict`` leaves it None).
     final_logit_softcapping: the same on the output logits; None: off (HF's
       ``Gemma3ForCausalLM`` applies it, ``Gemma3ForConditionalGeneration`` does not).
+    tie_word_embeddings: the output logits use the input embedding table (Gemma3's default);
+      False: a separate output table ``embedder/lm_head`` [V, H] (HF's ``lm_head.weight``, e.g.
+      PEFT's ``modules_to_save`` copies trained apart).
     max_position_embeddings: the longest context the checkpoint was trained for (informative).
     pad_token_id: padding token (its embedding row is 0 at init).
     bos_token_id: beginning-of-sequence token.
@@ -96,6 +99,7 @@ class Gemma3Config:
   query_pre_attn_scalar: float = 256.0
   attn_logit_softcapping: float | None = None
   final_logit_softcapping: float | None = None
+  tie_word_embeddings: bool = True
   max_position_embeddings: int = 131_072
   pad_token_id: int = 0
   bos_token_id: int = 2
@@ -181,7 +185,8 @@ class Gemma3Config:
 
     Raises:
       ValueError: naming the offending setting (unknown model_type, unsupported activation,
-        RoPE type, bidirectional attention, attention bias or untied embeddings, a missing field).
+        RoPE type, bidirectional attention, attention bias, a missing field, or
+        ``tie_word_embeddings=True`` overriding an untied config: untying a tied one is allowed).
     """
     model_type = d.get("model_type")
     if model_type == HF_MULTIMODAL_MODEL_TYPE or "text_config" in d:
@@ -189,7 +194,7 @@ class Gemma3Config:
       if not isinstance(text, Mapping):
         raise ValueError(f"multimodal Gemma3 config (model_type {model_type!r}) has no "
                          "text_config dict")
-      tied = d.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
+      tied = hf_ties_embeddings(d)
       # Token ids may sit at the top level only (e.g. eos_token_id [1, 106] in MedGemma).
       ids = {k: d[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id")
              if d.get(k) is not None and text.get(k) is None}
@@ -208,9 +213,9 @@ class Gemma3Config:
     for name in ("use_bidirectional_attention", "attention_bias"):
       if d.get(name):
         raise ValueError(f"{name}=True is not supported")
-    if d.get("tie_word_embeddings", True) is False:
-      raise ValueError("tie_word_embeddings=False is not supported (Gemma3 ties the output "
-                       "embedding to the input embedding)")
+    if overrides.get("tie_word_embeddings") and not hf_ties_embeddings(d):
+      raise ValueError("tie_word_embeddings=True cannot override an untied config (its separate "
+                       "lm_head would be dropped)")
     layer_types = d.get("layer_types")
     if layer_types is None:
       pattern = d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6
@@ -222,6 +227,7 @@ class Gemma3Config:
              "bos_token_id", "eos_token_id")
     values = {name: d[name] for name in names}
     values["final_logit_softcapping"] = d.get("final_logit_softcapping")
+    values["tie_word_embeddings"] = hf_ties_embeddings(d)
     if d.get("attn_logit_softcapping") is not None:
       # transformers' Gemma3Attention stores the setting but never passes it to the attention
       # function, so HF checkpoints run without it; so do we, to match them.
@@ -252,10 +258,19 @@ class Gemma3Config:
         "final_logit_softcapping": self.final_logit_softcapping,
         "max_position_embeddings": self.max_position_embeddings,
         "pad_token_id": self.pad_token_id, "bos_token_id": self.bos_token_id,
-        "eos_token_id": eos, "tie_word_embeddings": True, "attention_bias": False,
-        "attention_dropout": 0.0, "use_bidirectional_attention": False,
+        "eos_token_id": eos, "tie_word_embeddings": self.tie_word_embeddings,
+        "attention_bias": False, "attention_dropout": 0.0, "use_bidirectional_attention": False,
         "initializer_range": INIT_STD, "dtype": "float32",
     }
+
+
+def hf_ties_embeddings(d: Mapping[str, Any]) -> bool:
+  """HF's ``tie_word_embeddings`` of a ``config.json`` dict (default True). A multimodal config's
+  top-level value wins over its ``text_config``'s, as in ``Gemma3ForConditionalGeneration``."""
+  value = d.get("tie_word_embeddings")
+  if value is None and isinstance(d.get("text_config"), Mapping):
+    value = d["text_config"].get("tie_word_embeddings")
+  return True if value is None else bool(value)
 
 
 def default_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:

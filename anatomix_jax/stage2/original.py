@@ -24,16 +24,19 @@ alone, which is accepted too):
 ``wrapper``     ``image_projectionhead.proj.{0,2,3}.{weight,bias}``, ``obj_projectionhead.…``
                 (``export.projection_head_tensors``' names; float32).
 
-Our finetune params hold the same: ``lm/layers_{i}/{attn,mlp}/{name}/lora_{a,b}``, the trained
-table ``lm/embedder/embedding`` and the two heads. LoRA maps as ``lora_a = Aᵀ`` reshaped to the
-kernel's input dims + [r], ``lora_b = Bᵀ`` reshaped to [r] + the output dims (PEFT's
-``W + (alpha/r)·B·A`` is our ``x·W + x·A·B·(alpha/r)``). The model.pt holds neither alpha nor the
-target list: they and the rank are the config's (``lm.lora``; the original's r 16, alpha 16,
-all-linear are the defaults), and the tensors must agree.
+Our finetune params hold the same: ``lm/layers_{i}/{attn,mlp}/{name}/lora_{a,b}``, the trained table
+``lm/embedder/embedding`` (+ ``lm/embedder/lm_head``, untied) and the two heads. LoRA maps as
+``lora_a = Aᵀ`` reshaped to the kernel's input dims + [r], ``lora_b = Bᵀ`` reshaped to [r] + the
+output dims (PEFT's ``W + (alpha/r)·B·A`` is our ``x·W + x·A·B·(alpha/r)``). The model.pt holds
+neither alpha nor the target list: they and the rank are the config's (``lm.lora``; the original's r
+16, alpha 16, all-linear are the defaults), and the tensors must agree.
 
-One table: our LM ties input and output embedding (Gemma3's ``tie_word_embeddings``); PEFT's
-``modules_to_save`` gives ``embed_tokens`` and ``lm_head`` separate copies, which the original
-trains apart. ``import_lm(table=...)`` says what to do when they differ.
+Two tables: PEFT's ``modules_to_save`` gives ``embed_tokens`` and ``lm_head`` separate copies of
+MedGemma's tied table, which the original trains apart (it does not set ``ensure_weight_tying``).
+``import_lm(table=...)``: "untied" keeps both (the workdir's config sets
+``lm.tie_word_embeddings = False``: our LM gets a separate output table ``lm/embedder/lm_head``,
+trained with the embedding); "tied" needs them equal; "embed_tokens" / "lm_head" keep one copy
+(another model where the other one was trained). ``export_lm`` writes both copies either way.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ _LORA_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([A
                        r"(?:\.[^.]+)?\.weight$")
 _TABLE_KEY = re.compile(r"(?:^|\.)(embed_tokens|lm_head)\.(?:modules_to_save\.[^.]+|"
                         r"(original_module))\.weight$")
-TABLE_CHOICES = ("tied", "embed_tokens", "lm_head")
+TABLE_CHOICES = ("untied", "tied", "embed_tokens", "lm_head")
 
 
 class OriginalCheckpointError(ValueError):
@@ -176,9 +179,10 @@ def _rounded(x: np.ndarray, dtype: str) -> np.ndarray:
   return np.asarray(x, getattr(ml_dtypes, dtype, None) or np.dtype(dtype)).astype(np.float32)
 
 
-def _tables(core: Mapping[str, np.ndarray], path: str, base: np.ndarray, choice: str,
-            dtypes: Mapping[str, str]) -> tuple[np.ndarray, float]:
-  """The one table our LM ties, and max |embed_tokens − lm_head| of the original's copies.
+def _table_copies(core: Mapping[str, np.ndarray], path: str, base: np.ndarray,
+                  dtypes: Mapping[str, str]) -> tuple[dict[str, np.ndarray], dict[str, str], float]:
+  """The original's trained ``embed_tokens`` and ``lm_head`` copies, their keys, and
+  max |embed_tokens − lm_head|.
 
   A missing ``modules_to_save`` copy is the base table (untrained); an ``original_module`` must
   equal the base model's table rounded to the file's dtype.
@@ -202,13 +206,23 @@ def _tables(core: Mapping[str, np.ndarray], path: str, base: np.ndarray, choice:
             "another base model")
     else:
       copies[m.group(1)], keys[m.group(1)] = value, key
-  diff = float(np.abs(copies["embed_tokens"] - copies["lm_head"]).max())
+  return copies, keys, float(np.abs(copies["embed_tokens"] - copies["lm_head"]).max())
+
+
+def _tables(core: Mapping[str, np.ndarray], path: str, base: np.ndarray, choice: str,
+            dtypes: Mapping[str, str]) -> tuple[dict[str, np.ndarray], float]:
+  """Our ``embedder`` leaves for ``choice`` (``embedding``, + ``lm_head`` when "untied"), and
+  max |embed_tokens − lm_head| of the original's copies."""
+  copies, keys, diff = _table_copies(core, path, base, dtypes)
   if diff > 0 and choice == "tied":
     raise OriginalCheckpointError(
         f"{path}: the input table {keys['embed_tokens']} and the output table {keys['lm_head']} "
-        f"differ (max |diff| {diff:.3g}); this LM ties them. Pass table='embed_tokens' or "
-        "table='lm_head' to keep one (the imported model then differs from the original's)")
-  return copies["lm_head" if choice == "lm_head" else "embed_tokens"], diff
+        f"differ (max |diff| {diff:.3g}); table='tied' needs them equal. Pass table='untied' to "
+        "keep both (or 'embed_tokens' / 'lm_head' to keep one: the imported model then differs "
+        "from the original's)")
+  if choice == "untied":
+    return {"embedding": copies["embed_tokens"], "lm_head": copies["lm_head"]}, diff
+  return {"embedding": copies["lm_head" if choice == "lm_head" else "embed_tokens"]}, diff
 
 
 def _heads(wrapper: Mapping[str, np.ndarray], path: str, abstract: Any) -> dict[str, Any]:
@@ -256,16 +270,20 @@ def trainable_params(core: Mapping[str, np.ndarray], wrapper: Mapping[str, np.nd
     path: the file (for errors).
     model_config: the stage-2 model (its ``lm.lora`` is the config's rank, alpha and targets).
     base_table: the base model's embedding [V, H].
-    table: ``TABLE_CHOICES``: "tied" (the original's two copies must be equal), "embed_tokens" or
-      "lm_head" (keep that copy).
+    table: ``TABLE_CHOICES``: "untied" (both copies; ``model_config.lm`` must be untied), "tied"
+      (the original's two copies must be equal), "embed_tokens" or "lm_head" (keep that copy).
     dtypes: the stored torch dtype per key (``read_lm``; default float32), to compare an
       ``original_module`` with ``base_table``.
 
   Returns:
     ``(params, max |embed_tokens − lm_head|)``; params hold ``image_projection``,
-    ``object_projection``, ``lm/embedder/embedding`` and every ``lm/…/lora_{a,b}``.
+    ``object_projection``, ``lm/embedder/embedding`` (+ ``lm_head``, untied) and every
+    ``lm/…/lora_{a,b}``.
   """
   lm_cfg = model_config.lm
+  if (table == "untied") == lm_cfg.tie_word_embeddings:
+    raise ValueError(f"table={table!r} needs {'an untied' if table == 'untied' else 'a tied'} LM "
+                     f"(model_config.lm.tie_word_embeddings is {lm_cfg.tie_word_embeddings})")
   abstract = steps.split(nn.unbox(anatomix.abstract_variables(model_config)["params"]),
                          steps.PHASE_GROUPS["finetune"])[0]
   found = _lora_tensors(core, path, lm_cfg.lora, lm_cfg.num_hidden_layers)
@@ -289,8 +307,7 @@ def trainable_params(core: Mapping[str, np.ndarray], wrapper: Mapping[str, np.nd
   if base_table.shape != tuple(abstract["lm"]["embedder"]["embedding"].shape):
     raise OriginalCheckpointError(f"base table {base_table.shape} does not fit the LM's "
                                   f"{abstract['lm']['embedder']['embedding'].shape}")
-  lm["embedder"] = {}
-  lm["embedder"]["embedding"], diff = _tables(core, path, base_table, table, dtypes or {})
+  lm["embedder"], diff = _tables(core, path, base_table, table, dtypes or {})
   params = {"lm": lm, **_heads(wrapper, path, abstract)}
   structure = jax.tree.structure(params)
   if structure != jax.tree.structure(abstract):
@@ -326,7 +343,7 @@ def import_config(base_model_dir: str, apm_workdir: str,
 
 
 def import_lm(model_pt: str, base_model_dir: str, apm_workdir: str, out_workdir: str, *,
-              overrides: Mapping[str, Any] | None = None, table: str = "tied") -> dict:
+              overrides: Mapping[str, Any] | None = None, table: str | None = None) -> dict:
   """The original's step-2 ``model.pt`` → a finetune-phase stage-2 workdir.
 
   The workdir holds one Orbax checkpoint (the trained leaves, a fresh optimizer state, the
@@ -342,11 +359,13 @@ def import_lm(model_pt: str, base_model_dir: str, apm_workdir: str, out_workdir:
     apm_workdir: a stage-1 workdir (with ``rag/``), referred to as well.
     out_workdir: the workdir to create (must not exist).
     overrides: dotted stage-2 config fields (e.g. ``{"lm.dtype": "float32"}``).
-    table: ``TABLE_CHOICES``, when the original's ``embed_tokens`` and ``lm_head`` copies differ.
+    table: ``TABLE_CHOICES`` (see the module docstring); None: "untied" when the original's
+      ``embed_tokens`` and ``lm_head`` copies differ, "tied" when they are equal (one table, the
+      same logits). "untied" writes ``lm.tie_word_embeddings = False`` into the workdir's config.
 
   Returns:
     ``workdir``, ``step`` (N of ``checkpoint-N``, else 0), ``source`` (the file), ``rank``,
-    ``alpha``, ``targets``, ``lm_head_max_abs_diff``.
+    ``alpha``, ``targets``, ``table`` (the choice made), ``lm_head_max_abs_diff``.
 
   Raises:
     OriginalCheckpointError: naming the file and key: no ``LM`` entry or part of it, a LoRA rank or
@@ -355,14 +374,20 @@ def import_lm(model_pt: str, base_model_dir: str, apm_workdir: str, out_workdir:
       or naming the base model: its table has no rows for the 45 AnatomiX tokens.
     FileExistsError: ``out_workdir`` exists.
   """
-  if table not in TABLE_CHOICES:
-    raise ValueError(f"table={table!r}: expected one of {TABLE_CHOICES}")
+  if table not in (None, *TABLE_CHOICES):
+    raise ValueError(f"table={table!r}: expected None or one of {TABLE_CHOICES}")
   out_workdir = os.path.abspath(out_workdir)
   if os.path.exists(out_workdir):
     raise FileExistsError(f"{out_workdir} exists; import_lm writes a new workdir")
   path, step = locate(model_pt)
   core, wrapper, dtypes = read_lm(path)
   config = import_config(base_model_dir, apm_workdir, overrides)
+  base_table = np.asarray(hf_gemma3.read_embedding(task.base_model_dir(config, out_workdir)),
+                          np.float32)
+  if table is None:
+    table = "untied" if _table_copies(core, path, base_table, dtypes)[2] > 0 else "tied"
+  if table == "untied":
+    config.lm.tie_word_embeddings = False  # read by Stage2Task; kept in the workdir's config
   os.makedirs(os.path.dirname(out_workdir), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(out_workdir) + ".importing-",
                          dir=os.path.dirname(out_workdir))
@@ -375,7 +400,6 @@ def import_lm(model_pt: str, base_model_dir: str, apm_workdir: str, out_workdir:
             f"{run.base_dir}: its embedding table has {rows} rows, but its tokenizer with the 45 "
             f"AnatomiX tokens has {tok.vocab_size} (ids up to {tok.vocab_size - 1}); the original "
             "never resizes the table, so its model.pt cannot belong to this base model")
-      base_table = np.asarray(hf_gemma3.read_embedding(run.base_dir), np.float32)
       params, diff = trainable_params(core, wrapper, path, run.model_config, base_table, table,
                                       dtypes)
       with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
@@ -395,7 +419,8 @@ def import_lm(model_pt: str, base_model_dir: str, apm_workdir: str, out_workdir:
   spec = run.model_config.lm.lora
   logging.info("imported %s (step %d) into %s", path, step, out_workdir)
   return {"workdir": out_workdir, "step": step, "source": path, "rank": spec.rank,
-          "alpha": spec.alpha, "targets": list(spec.targets), "lm_head_max_abs_diff": diff}
+          "alpha": spec.alpha, "targets": list(spec.targets), "table": table,
+          "lm_head_max_abs_diff": diff}
 
 
 # --- export -----------------------------------------------------------------------------------
@@ -403,12 +428,15 @@ def import_lm(model_pt: str, base_model_dir: str, apm_workdir: str, out_workdir:
 def core_model_tensors(params: Mapping[str, Any], lm_config: Any, base_table: np.ndarray
                        ) -> dict[str, np.ndarray]:
   """Our finetune params → ``LM.core_model`` (float32 NumPy, keys in the original's order:
-  the embed_tokens pair, the layers' LoRA, the lm_head pair); the trained table and the base
-  table appear under both names, as one array each."""
+  the embed_tokens pair, the layers' LoRA, the lm_head pair). The base table appears under both
+  names as one array; so does a tied trained table, while an untied LM's ``lm_head`` is the
+  lm_head copy."""
   lm = jax.device_get(params["lm"])
   if lm_config.scan_layers:
     lm = gemma3.unstack_layers(lm)
   spec, table = lm_config.lora, np.asarray(lm["embedder"]["embedding"], np.float32)
+  head = table if lm_config.tie_word_embeddings else np.asarray(lm["embedder"]["lm_head"],
+                                                                  np.float32)
   out = {f"{LAYER_PREFIX}embed_tokens.original_module.weight": base_table,
          f"{LAYER_PREFIX}embed_tokens.modules_to_save.{ADAPTER}.weight": table}
   for i in range(lm_config.num_hidden_layers):
@@ -420,7 +448,7 @@ def core_model_tensors(params: Mapping[str, Any], lm_config: Any, base_table: np
       out[f"{key}.lora_A.{ADAPTER}.weight"] = np.ascontiguousarray(a.reshape(-1, spec.rank).T)
       out[f"{key}.lora_B.{ADAPTER}.weight"] = np.ascontiguousarray(b.reshape(spec.rank, -1).T)
   out[f"{LM_HEAD_PREFIX}original_module.weight"] = base_table
-  out[f"{LM_HEAD_PREFIX}modules_to_save.{ADAPTER}.weight"] = table
+  out[f"{LM_HEAD_PREFIX}modules_to_save.{ADAPTER}.weight"] = head
   return out
 
 

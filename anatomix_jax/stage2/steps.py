@@ -2,10 +2,11 @@
 
 Phase 1 "align" trains the projection heads only; phase 2 "finetune" trains LoRA, the projection
 heads and the (tied) embedding/output table — PEFT's ``modules_to_save=['lm_head','embed_tokens']``
-is one table in Gemma3 (REFERENCE.md §1.4). The param tree is split once into a trainable and a
-frozen part: the train state (and so the optimizer state and the checkpoints) holds only the
-trainable part; the frozen part (the base LM, hundreds of times larger) is a separate, never
-donated jit argument that comes from the base weights.
+is one table in Gemma3 (REFERENCE.md §1.4); an untied LM (``tie_word_embeddings=False``, e.g. an
+import of the original's two trained copies) trains both tables in the "embedding" group. The param
+tree is split once into a trainable and a frozen part: the train state (and so the optimizer state
+and the checkpoints) holds only the trainable part; the frozen part (the base LM, hundreds of times
+larger) is a separate, never donated jit argument that comes from the base weights.
 
 ``train_step(state, frozen, batch, rng) -> (state, metrics)``. Batch keys (global arrays):
 ``tokens`` int32[B, T], ``attention_mask`` int32[B, T] (right padding), ``targets`` int32[B, T]
@@ -29,10 +30,11 @@ from anatomix_jax.models.lora import LORA_LEAVES
 from anatomix_jax.stage1 import steps as train_steps
 
 EMBEDDING_PATH = "lm/embedder/embedding"
+LM_HEAD_PATH = "lm/embedder/lm_head"  # the output table of an untied LM
 GROUPS: dict[str, Callable[[str], bool]] = {
     "projection": lambda path: path.split("/")[0] in anatomix.PROJECTION_GROUPS,
     "lora": lambda path: path.rsplit("/", 1)[-1] in LORA_LEAVES,
-    "embedding": lambda path: path == EMBEDDING_PATH,
+    "embedding": lambda path: path in (EMBEDDING_PATH, LM_HEAD_PATH),
 }
 # What each training phase trains (config.phase).
 PHASE_GROUPS = {"align": ("projection",), "finetune": ("projection", "lora", "embedding")}

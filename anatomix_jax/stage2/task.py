@@ -99,10 +99,15 @@ class Stage2Task:
     self.tok = tokenizer.load_tokenizer(c.lm.tokenizer_dir or self.base_dir)
     self.groups = steps.PHASE_GROUPS[c.phase]
     spec = lora_lib.LoraSpec(**c.lm.lora.to_dict()) if "lora" in self.groups else lora_lib.LoraSpec()
+    # lm.tie_word_embeddings (absent or None: the base's config.json) False unties the output
+    # table: it starts as the base's lm_head, or a copy of its tied table (stage2.original sets it
+    # for the original's two trained copies).
+    untie = {} if c.lm.get("tie_word_embeddings") is None else {
+        "tie_word_embeddings": bool(c.lm.tie_word_embeddings)}
     self.file_lm_config, _ = hf_gemma3.read_config(self.base_dir, dtype=c.lm.dtype,
                                                    param_dtype=c.lm.param_dtype,
                                                    remat=c.lm.remat, lora=spec,
-                                                   scan_layers=c.lm.scan_layers)
+                                                   scan_layers=c.lm.scan_layers, **untie)
     lm_config = self.file_lm_config
     check_receptive_field(lm_config, max(c.data.buckets), self.base_dir)
     # The 45 stage-2 tokens need embedding rows. MedGemma's table (262,208 rows) already holds
@@ -157,7 +162,8 @@ class Stage2Task:
             "lora": ({"rank": lm.lora.rank, "alpha": lm.lora.alpha,
                       "targets": sorted(lm.lora.targets)} if "lora" in self.groups else None),
             "base": {"vocab_size": lm.vocab_size, "hidden_size": lm.hidden_size,
-                     "num_layers": lm.num_hidden_layers}}
+                     "num_layers": lm.num_hidden_layers,
+                     **({} if lm.tie_word_embeddings else {"tie_word_embeddings": False})}}
 
   def meta(self) -> dict:
     return {"phase": self.config.phase, "base_model_dir": os.path.abspath(self.base_dir),
@@ -272,17 +278,19 @@ class Stage2Task:
     """Base LM (sharded, from files) + fresh heads/LoRA, or heads from ``init_from`` (unless
     ``from_init`` is off: a checkpoint restore replaces them anyway); split."""
     c = self.config
+    lm = self.model_config.lm
     _, base = hf_gemma3.load_gemma3(self.base_dir, self.mesh, self.rules, c.lm.dtype,
                                     param_dtype=c.lm.param_dtype, remat=c.lm.remat,
-                                    lora=self.model_config.lm.lora,
-                                    scan_layers=self.model_config.lm.scan_layers)
-    table = base["embedder"]["embedding"]
-    extra = self.model_config.lm.vocab_size - table.shape[0]
-    if extra > 0:
-      rows = jnp.broadcast_to(table.mean(axis=0, keepdims=True), (extra, table.shape[1]))
-      sharding = self.param_shardings["lm"]["embedder"]["embedding"]
-      base["embedder"]["embedding"] = jax.device_put(
-          jnp.concatenate([table, rows.astype(table.dtype)]), sharding)
+                                    lora=lm.lora, scan_layers=lm.scan_layers,
+                                    tie_word_embeddings=lm.tie_word_embeddings)
+    for name in base["embedder"]:  # the embedding, and an untied lm_head
+      table = base["embedder"][name]
+      extra = lm.vocab_size - table.shape[0]
+      if extra > 0:
+        rows = jnp.broadcast_to(table.mean(axis=0, keepdims=True), (extra, table.shape[1]))
+        base["embedder"][name] = jax.device_put(
+            jnp.concatenate([table, rows.astype(table.dtype)]),
+            self.param_shardings["lm"]["embedder"][name])
     fresh = anatomix.init_subtree(
         self.model_config, jax.random.key(c.seed),
         lambda path: not path.startswith("lm/") or path.endswith(lora_lib.LORA_LEAVES),
