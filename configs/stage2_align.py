@@ -17,5 +17,9 @@ def get_config(arg=None):
   c.train.epochs = 3
   if arg.demo:
     defaults.apply_demo(c)
-    c.train.num_steps = 200
+    # Anatomy grounding joins the demo's align mix: the heads must learn to put each anatomy's
+    # embedding where the tiny LM's lookup (learned on <obj_i> token embeddings in its text-only
+    # pretraining) finds it; MedGemma's general reading of embeddings needs no such help.
+    c.data.weights.anatomy_grounding = 1.0
+    c.train.num_steps = 150
   return c

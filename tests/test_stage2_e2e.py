@@ -27,7 +27,8 @@ TINY_LM = {"lm.demo.vocab_size": 700, "lm.demo.hidden_size": 16, "lm.demo.interm
            "lm.demo.num_key_value_heads": 1, "lm.demo.head_dim": 8, "lm.projection_hidden": 8,
            "lm.lora.rank": 2, "data.buckets": "(1536,2048,3072)", "train.batch_size": 2,
            "train.log_every": 1, "train.checkpoint_every": 3, "train.eval_limit": 4,
-           "eval.max_new_tokens": 8, "lm.demo.pretrain_steps": 20}
+           "eval.max_new_tokens": 8, "lm.demo.pretrain_steps": 20, "lm.demo.pretrain_batch_size": 8,
+           "lm.demo.context_pretrain_steps": 4, "lm.demo.context_batch_size": 4}
 
 
 # One CPU device in the subprocesses (the demo's global batch of 2 does not split 8 ways; the

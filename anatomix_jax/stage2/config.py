@@ -27,6 +27,9 @@ def base_config(phase: str) -> ml_collections.ConfigDict:
       # the paper: google/medgemma-4b-it. Empty with demo.enabled: a tiny LM made locally.
       model_dir="",
       tokenizer_dir="",                # empty: model_dir
+      # None: as the base's config.json (Gemma3/MedGemma tie the input and output tables); False:
+      # a separate output table (what an imported original checkpoint trained, configs/original.py).
+      tie_word_embeddings=None,
       # remat: MedGemma-4B's activations at 32 × 3,072 tokens need ~184 GiB per v5e device
       # without it (benchmarks/compile_check.py); the recomputation costs a third more FLOPs.
       dtype="bfloat16", param_dtype="float32", remat=True,
@@ -46,9 +49,10 @@ def base_config(phase: str) -> ml_collections.ConfigDict:
           # would have only sliding layers, and its answers could not see context lines more
           # than sliding_window tokens back).
           full_attention_every=2,
-          pretrain_steps=0, pretrain_lr=3e-3,
+          pretrain_steps=0, pretrain_lr=3e-3, pretrain_batch_size=16,
           # Then text-only stage-2 prompts with short contexts (demo/lm.py: context_rows).
-          context_pretrain_steps=0, context_examples=6000, context_lines=(2, 8))),
+          context_pretrain_steps=0, context_batch_size=16, context_examples=6000,
+          context_lines=(2, 8))),
   ))
   c.init_from = ""                    # finetune: the align workdir whose heads start phase 2
 
@@ -101,8 +105,14 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   """
   c.lm.update(dict(dtype="float32", projection_hidden=64, remat=False))
   c.mesh.shape = (-1, 1, 1)
+  # The base LM stands in for MedGemma, which arrives able to copy from its prompt: 500 steps of
+  # 32 × 128 tokens of the demo's conversations give it induction (it copies the asked anatomy's
+  # name into the answer: teacher-forced accuracy on those tokens 0.94 after 500 such steps, 0.58
+  # after 250), then 350 steps on text-only prompts with 2-10 context lines start it copying the
+  # asked line's box (README "Does stage 2 learn?": learned in part within the CPU budget).
   c.lm.demo.update(dict(enabled=True, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                        pretrain_steps=400))
+                        pretrain_steps=500, pretrain_batch_size=32, context_pretrain_steps=350,
+                        context_lines=(2, 10)))
   c.lm.lora.update(dict(rank=8, alpha=16.0, dropout=0.0))
   c.data.buckets = (1536, 1792)
   c.data.augment.enabled = False

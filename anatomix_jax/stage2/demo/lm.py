@@ -35,7 +35,6 @@ from anatomix_jax.stage2 import data, grounding, prompt, tokenizer
 
 
 PRETRAIN_LEN = 128
-PRETRAIN_BATCH = 16
 CONTEXT_LEN = 448  # padded length of a context-pretraining row (longer examples are dropped)
 
 
@@ -54,7 +53,7 @@ def conversations(config: Any) -> list[str]:
 
 
 def _train(params: Any, lm: gemma3.Gemma3Config, rows: dict[str, np.ndarray], steps: int,
-           lr: float, seed: int, what: str) -> Any:
+           lr: float, seed: int, what: str, batch_size: int) -> Any:
   """Trains all weights with the weighted next-token loss on random batches of ``rows``.
 
   Args:
@@ -79,7 +78,7 @@ def _train(params: Any, lm: gemma3.Gemma3Config, rows: dict[str, np.ndarray], st
   opt_state = tx.init(params)
   count = len(rows["input_ids"])
   for i in range(steps):
-    pick = rng.integers(0, count, PRETRAIN_BATCH)
+    pick = rng.integers(0, count, batch_size)
     params, opt_state, loss = step(params, opt_state, {k: jnp.asarray(v[pick])
                                                        for k, v in rows.items()})
     if i % 100 == 0 or i == steps - 1:
@@ -88,20 +87,20 @@ def _train(params: Any, lm: gemma3.Gemma3Config, rows: dict[str, np.ndarray], st
 
 
 def pretrain(params: Any, lm: gemma3.Gemma3Config, tok: Any, texts: list[str], steps: int,
-             lr: float, seed: int) -> Any:
+             lr: float, seed: int, batch_size: int) -> Any:
   """Trains all weights as a causal LM on ``texts`` packed into rows of PRETRAIN_LEN tokens."""
   ids = []
   for text in texts:
     ids.extend(tok.tokenizer(text, add_special_tokens=False)["input_ids"] + [tok.eos_id])
   packed = np.asarray(ids[:len(ids) // PRETRAIN_LEN * PRETRAIN_LEN], np.int32).reshape(
       -1, PRETRAIN_LEN)
-  if len(packed) < PRETRAIN_BATCH:
+  if len(packed) < batch_size:
     raise ValueError(f"{len(packed)} rows of {PRETRAIN_LEN} tokens are too few to pretrain on")
   weights = np.ones(packed.shape, np.float32)
   weights[:, -1] = 0.0  # the last position has no next token in its row
   rows = {"input_ids": packed, "targets": np.roll(packed, -1, axis=1), "weights": weights,
           "attention_mask": np.ones(packed.shape, np.int32)}
-  return _train(params, lm, rows, steps, lr, seed, "pretraining")
+  return _train(params, lm, rows, steps, lr, seed, "pretraining", batch_size)
 
 
 def context_rows(config: Any, apm: Any, tok: Any, seed: int) -> dict[str, np.ndarray]:
@@ -155,7 +154,7 @@ def context_rows(config: Any, apm: Any, tok: Any, seed: int) -> dict[str, np.nda
       out["targets"].append(pad(encoded.targets, tok.pad_id))
       out["weights"].append(pad(encoded.loss_mask.astype(np.float32), 0.0))
       out["attention_mask"].append(pad(np.ones(n, np.int32), 0))
-  if len(out["input_ids"]) < PRETRAIN_BATCH:
+  if len(out["input_ids"]) < demo.context_batch_size:
     raise ValueError(f"only {len(out['input_ids'])} context-pretraining examples fit in "
                      f"{CONTEXT_LEN} tokens")
   return {k: np.stack(v) for k, v in out.items()}
@@ -203,13 +202,13 @@ def make_base(out_dir: str, config: Any, apm: Any) -> str:
   params = gemma3.init_params(lm, jax.random.key(config.seed))
   if demo.pretrain_steps > 0:
     params = pretrain(params, lm, tok, conversations(config), demo.pretrain_steps,
-                      demo.pretrain_lr, config.seed)
+                      demo.pretrain_lr, config.seed, demo.pretrain_batch_size)
   if demo.context_pretrain_steps > 0:
     rows = context_rows(config, apm, tok, config.seed)
     logging.info("demo LM context pretraining on %d prompts (%.0f tokens on average)",
                  len(rows["input_ids"]), rows["attention_mask"].sum(1).mean())
     params = _train(params, lm, rows, demo.context_pretrain_steps, demo.pretrain_lr,
-                    config.seed + 1, "context pretraining")
+                    config.seed + 1, "context pretraining", demo.context_batch_size)
   hf_gemma3.export_gemma3(params, lm, tmp)
   os.replace(tmp, out_dir)
   return out_dir
