@@ -119,6 +119,17 @@ def test_adapter_math_matches_torch_peft_update(params, tmp_path):
   np.testing.assert_allclose(got[real], ref[real], atol=1e-4, rtol=0)
 
 
+def _hf_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """A transformers model's float32 logits [B, T, V] for ``ids``/``mask`` [B, T]."""
+  with torch.no_grad():
+    return model.eval()(input_ids=torch.tensor(ids, dtype=torch.long),
+                        attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
+
+
+def _load_hf(path):
+  return transformers.Gemma3ForCausalLM.from_pretrained(path, attn_implementation="eager")
+
+
 def test_peft_from_pretrained_reproduces_trained_lora_and_embedding(params, tmp_path):
   """The standard ``PeftModel.from_pretrained(base, adapter)`` == our model when the finetune
   phase trained LoRA and the (tied) embedding table; so does the merged export. LoRA-only
@@ -145,18 +156,10 @@ def test_peft_from_pretrained_reproduces_trained_lora_and_embedding(params, tmp_
   real = mask.astype(bool)
   assert np.abs(got[real] - _logits(LORA, full, ids, mask)[real]).max() > 1e-1  # table matters
 
-  def hf_logits(model):
-    with torch.no_grad():
-      return model.eval()(input_ids=torch.tensor(ids, dtype=torch.long),
-                          attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
-
-  def load(path):
-    return transformers.Gemma3ForCausalLM.from_pretrained(path, attn_implementation="eager")
-
-  model = peft.PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "adapter")
-  np.testing.assert_allclose(hf_logits(model)[real], got[real], atol=1e-4, rtol=0)
-  np.testing.assert_allclose(hf_logits(load(tmp_path / "merged"))[real], got[real], atol=1e-4,
-                             rtol=0)
+  model = peft.PeftModel.from_pretrained(_load_hf(tmp_path / "base"), tmp_path / "adapter")
+  np.testing.assert_allclose(_hf_logits(model, ids, mask)[real], got[real], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(_hf_logits(_load_hf(tmp_path / "merged"), ids, mask)[real], got[real],
+                             atol=1e-4, rtol=0)
   # Without the table (embedding=False: only for an untrained table) the adapter is LoRA only.
   hf_gemma3.export_peft_adapter(trained, LORA, tmp_path / "lora_only", embedding=False)
   assert len(load_file(tmp_path / "lora_only" / hf_gemma3.ADAPTER_FILE)) == 3 * 7 * 2
@@ -193,23 +196,15 @@ def test_peft_from_pretrained_reproduces_untied_tables(params, tmp_path):
   one_table = dict(trained, embedder={"embedding": trained["embedder"]["embedding"]})
   assert np.abs(got[real] - _logits(LORA, one_table, ids, mask)[real]).max() > 1e-1
 
-  def hf_logits(model):
-    with torch.no_grad():
-      return model.eval()(input_ids=torch.tensor(ids, dtype=torch.long),
-                          attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
-
-  def load(path):
-    return transformers.Gemma3ForCausalLM.from_pretrained(path, attn_implementation="eager")
-
   # PEFT warns about exactly the original AnatomiX's setup: a tied base, both tables saved.
   with pytest.warns(UserWarning, match="`ensure_weight_tying` is not set"):
-    model = peft.PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "adapter")
+    model = peft.PeftModel.from_pretrained(_load_hf(tmp_path / "base"), tmp_path / "adapter")
   print(f"untied PEFT adapter: max |ours - PeftModel| = "
-        f"{np.abs(hf_logits(model)[real] - got[real]).max():.2e}")
-  np.testing.assert_allclose(hf_logits(model)[real], got[real], atol=1e-4, rtol=0)
-  merged = load(tmp_path / "merged")
+        f"{np.abs(_hf_logits(model, ids, mask)[real] - got[real]).max():.2e}")
+  np.testing.assert_allclose(_hf_logits(model, ids, mask)[real], got[real], atol=1e-4, rtol=0)
+  merged = _load_hf(tmp_path / "merged")
   assert not merged.config.tie_word_embeddings
-  np.testing.assert_allclose(hf_logits(merged)[real], got[real], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(_hf_logits(merged, ids, mask)[real], got[real], atol=1e-4, rtol=0)
 
 
 def test_merged_export_equals_unmerged(params, tmp_path):
