@@ -13,7 +13,7 @@
   training; else the most common answer of the (source, task) (ties: the first seen; "" when
   training has no record of it).
 
-Training answers are the records' first responses, placeholders filled (``prompt.fill_placeholders``
+Training answers are the records' first responses, placeholders filled (``prompt.first_response``
 with the record's boxes). The rows are shaped like ``evaluate.generate_samples``'s (id, source,
 task, instruction, reference, answer, meta; no ``apm_boxes``); given the model's sample rows they
 copy its instruction and reference (the variants its evaluation drew), so both are scored against
@@ -33,10 +33,6 @@ from anatomix_jax.instruct import schema
 from anatomix_jax.stage2 import prompt
 
 NAME = "trivial baseline (image-blind)"
-
-
-def _answer_text(record: Mapping[str, Any]) -> str:
-  return prompt.fill_placeholders(record["responses"][0], record.get("boxes"), str(record["id"]))
 
 
 def _key(label: str) -> str:
@@ -61,7 +57,7 @@ class Baseline:
     self.by_task: dict[tuple[str, str], collections.Counter] = (
         collections.defaultdict(collections.Counter))
     for r in train_records:
-      group, answer = (r["source"], r["task"]), _answer_text(r)
+      group, answer = (r["source"], r["task"]), prompt.first_response(r)
       found = box_formats.parse(answer)
       for box, label in zip(found.boxes, found.labels):
         phrases[_key(label)].append(box)
@@ -119,7 +115,7 @@ def answers(train_records: Iterable[Mapping[str, Any]], records: Sequence[Mappin
   for record in records:
     row = given.get((record["source"], record["id"]))
     instruction = (row or {}).get("instruction", record["instructions"][0])
-    reference = row["reference"] if row else _answer_text(record)
+    reference = row["reference"] if row else prompt.first_response(record)
     sample = {"id": record["id"], "source": record["source"], "task": record["task"],
               "instruction": instruction, "reference": reference,
               "answer": baseline.answer(record, reference)}

@@ -72,8 +72,7 @@ def with_true_boxes(records: Sequence[dict[str, Any]], boxes: np.ndarray) -> np.
 
 def true_boxes(record: dict[str, Any]) -> np.ndarray:
   """The boxes of a record's answer (its first response, placeholders filled)."""
-  text = prompt.fill_placeholders(record["responses"][0], record.get("boxes"), record["id"])
-  return parse_boxes(text)
+  return parse_boxes(prompt.first_response(record))
 
 
 def generate_answers(model: anatomix.AnatomiX, params: Any, tok: Any,

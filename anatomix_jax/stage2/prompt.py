@@ -172,6 +172,11 @@ def expand_image(text: str, num_image_tokens: int) -> str:
   return text.replace("<image_start>", span)
 
 
+def first_response(record: Mapping[str, Any]) -> str:
+  """A record's first answer variant with its ``__BOX{i}__`` placeholders filled (its gold text)."""
+  return fill_placeholders(record["responses"][0], record.get("boxes"), str(record["id"]))
+
+
 def fill_placeholders(text: str, boxes: Sequence[Sequence[float]] | None, where: str) -> str:
   """Replaces ``__BOX{i}__`` by ``(x1,y1),(x2,y2)`` of ``boxes[i]``.
 

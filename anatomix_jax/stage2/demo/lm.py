@@ -46,9 +46,8 @@ def conversations(config: Any) -> list[str]:
     if not os.path.isfile(path):
       continue
     for record in schema.read_jsonl(path):
-      response = prompt.fill_placeholders(record["responses"][0], record.get("boxes"),
-                                          record["id"])
-      out.append(prompt.render_chat(None, record["instructions"][0], response))
+      out.append(prompt.render_chat(None, record["instructions"][0],
+                                    prompt.first_response(record)))
   return out
 
 
