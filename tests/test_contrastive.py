@@ -167,6 +167,26 @@ def test_mask_equals_dropping_objects(kind, bidirectional):
 
 
 @pytest.mark.parametrize("kind", ["kl", "clip"])
+def test_groups_compare_each_anatomy_with_its_own_sentences(kind):
+  # groups = the anatomy index: one independent problem per anatomy over the batch's real images
+  # (numpy reference on each anatomy's B' × B' sub-problem), normalised by all real objects.
+  obj, proj, pooled = _inputs(3, b=5, a=4)
+  mask = np.ones((5, 4), np.float32)
+  mask[-1] = 0.0
+  mask[0, 2] = 0.0
+  anatomy = np.broadcast_to(np.arange(4), (5, 4))
+  got = _jitted(kind, True)(obj, proj, pooled, mask, groups=jnp.asarray(anatomy))
+  want = 0.0
+  for a in range(4):
+    keep = mask[:, a] > 0
+    want += keep.sum() * np_loss(obj[keep, a], proj[keep, a], pooled[keep, a], kind=kind)
+  want /= mask.sum()
+  assert _rel(got, want) <= 1e-6, (float(got), want)
+  # Without groups the same inputs give another value: the other anatomies' sentences are negatives.
+  assert _rel(_jitted(kind, True)(obj, proj, pooled, mask), want) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["kl", "clip"])
 def test_all_masked_is_zero_with_finite_grad(kind):
   obj, proj, pooled = _inputs(3)
   obj[0, 0] = 0.0  # a zero embedding must not give NaN gradients through the normalisation

@@ -93,3 +93,31 @@ def test_extra_term_slot():
                                       {"contrastive": (0.5, lambda o, b: jnp.asarray(2.0))})
   assert float(parts["contrastive"]) == 2.0
   np.testing.assert_allclose(float(total), float(base) + 1.0, rtol=1e-6)
+
+
+def test_contrastive_pairs_config():
+  # "same_anatomy" passes the anatomy index as groups; "both" is the mean of the two terms; the
+  # values of the grouped loss itself are checked against numpy in test_contrastive.py.
+  from anatomix_jax.stage1 import contrastive
+  rng = np.random.default_rng(0)
+  outputs = {"anatomy_embeddings": jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.float32),
+             "text_projection": jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.float32)}
+  batch = {"text_pooled": jnp.asarray(rng.normal(size=(3, 5, 6)), jnp.float32),
+           "valid": jnp.asarray([1.0, 1.0, 0.0])}
+  mask = jnp.asarray([[1.0] * 5, [1.0] * 5, [0.0] * 5])
+
+  def term(pairs):
+    cfg = _loss_cfg(contrastive=1.0, contrastive_kind="kl", contrastive_temperature=0.1,
+                    contrastive_pairs=pairs)
+    return float(losses.configured_terms(cfg)["contrastive"][1](outputs, batch))
+
+  args = (outputs["anatomy_embeddings"], outputs["text_projection"], batch["text_pooled"], mask)
+  everything = float(contrastive.contrastive_loss(*args, temperature=0.1))
+  within = float(contrastive.contrastive_loss(
+      *args, temperature=0.1, groups=jnp.broadcast_to(jnp.arange(5), (3, 5))))
+  assert abs(within - everything) > 1e-3
+  np.testing.assert_allclose(term("all"), everything, rtol=1e-6)
+  np.testing.assert_allclose(term("same_anatomy"), within, rtol=1e-6)
+  np.testing.assert_allclose(term("both"), (everything + within) / 2, rtol=1e-6)
+  with pytest.raises(ValueError, match="contrastive_pairs"):
+    losses.configured_terms(_loss_cfg(contrastive=1.0, contrastive_pairs="rows"))

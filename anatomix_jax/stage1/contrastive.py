@@ -19,6 +19,12 @@ InfoNCE).
 Masking (not in the reference): objects with ``mask == 0`` are removed from the problem — their
 rows and columns — so the loss equals the unmasked formula on the real objects only, normalised
 by their count. Implemented with large-negative logits and zeroed targets (static shapes).
+
+Groups (not in the reference): with ``groups`` only objects of the same group are compared — with
+the anatomy index as the group, each anatomy embedding is contrasted with the same anatomy's
+sentences in the other images of the batch, which is the choice the per-anatomy sentence
+database makes at retrieval. Across anatomies the loss is solved by telling anatomies apart, which
+the detector already does, and the embeddings barely separate a finding from "… is healthy".
 """
 
 from __future__ import annotations
@@ -85,8 +91,8 @@ def soft_targets(text_pooled: Array, pair_mask: Array, temperature: float) -> Ar
 
 def contrastive_loss(obj_emb: Array, text_proj: Array, text_pooled: Array,
                      mask: Array | None = None, *, kind: str = "kl", temperature: float = 0.01,
-                     target_temperature: float | None = None, bidirectional: bool = True
-                     ) -> Array:
+                     target_temperature: float | None = None, bidirectional: bool = True,
+                     groups: Array | None = None) -> Array:
   """Contrastive object↔sentence alignment loss over all objects of the batch.
 
   Args:
@@ -99,6 +105,8 @@ def contrastive_loss(obj_emb: Array, text_proj: Array, text_pooled: Array,
     temperature: τ of the logits (multiplier 1/τ).
     target_temperature: τ of the soft targets; defaults to ``temperature``.
     bidirectional: average the object→text and text→object terms; else object→text only.
+    groups: optional ``[B, A]`` or ``[N]`` ints; only pairs within one group are compared (each
+      group its own softmax), e.g. the anatomy index (module docstring).
 
   Returns:
     Scalar loss in float32 (float64 if an input is float64 with x64 enabled). 0 if no object is
@@ -112,6 +120,9 @@ def contrastive_loss(obj_emb: Array, text_proj: Array, text_pooled: Array,
   n_obj = v.shape[0]
   m = jnp.ones((n_obj,), bool) if mask is None else mask.reshape(-1).astype(bool)
   pair_mask = m[:, None] & m[None, :]
+  if groups is not None:
+    g = groups.reshape(-1)
+    pair_mask &= g[:, None] == g[None, :]
   n_real = jnp.maximum(jnp.sum(m.astype(dtype)), 1.0)
 
   logits = similarity(v, t, temperature)

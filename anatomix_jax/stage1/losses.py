@@ -20,6 +20,9 @@ from anatomix_jax.stage1 import contrastive
 from anatomix_jax.ops import boxes as box_ops
 
 Array = jax.Array
+# loss.contrastive_pairs: which object/sentence pairs the contrastive term compares.
+CONTRASTIVE_PAIRS = ("all", "same_anatomy", "both")
+
 # An extra loss term: (model outputs, batch) -> scalar, e.g. the contrastive term.
 LossTerm = Callable[[Mapping[str, Array], Mapping[str, Array]], Array]
 
@@ -55,18 +58,29 @@ def configured_terms(cfg: Any) -> dict[str, tuple[float, LossTerm]]:
   The contrastive term (REFERENCE.md §1.3) pairs every anatomy of every real image in the global
   batch (absent anatomies included, with their "… is healthy." sentence, as in the reference):
   outputs ``anatomy_embeddings`` and ``text_projection`` ``[B, N, d]``, batch ``text_pooled``
-  ``[B, N, D_text]`` (the frozen encoder's embeddings) and ``valid [B]``.
+  ``[B, N, D_text]`` (the frozen encoder's embeddings) and ``valid [B]``. ``contrastive_pairs``:
+  "all" (the reference: every object against every sentence of the batch), "same_anatomy" (each
+  anatomy against its own sentences in the batch's images; ``contrastive.contrastive_loss``
+  ``groups``) or "both" (the mean of the two).
   """
   if not cfg.contrastive:
     return {}
+  if cfg.contrastive_pairs not in CONTRASTIVE_PAIRS:
+    raise ValueError(f"loss.contrastive_pairs must be one of {CONTRASTIVE_PAIRS}, "
+                     f"got {cfg.contrastive_pairs!r}")
+  groupings = {"all": (False,), "same_anatomy": (True,), "both": (False, True)}[
+      cfg.contrastive_pairs]
 
   def contrastive_term(outputs: Mapping[str, Array], batch: Mapping[str, Array]) -> Array:
     emb = outputs["anatomy_embeddings"]
     valid = batch.get("valid", jnp.ones(emb.shape[:1], jnp.float32))
-    return contrastive.contrastive_loss(
+    anatomy = jnp.broadcast_to(jnp.arange(emb.shape[1]), emb.shape[:2])
+    terms = [contrastive.contrastive_loss(
         emb, outputs["text_projection"], batch["text_pooled"],
         jnp.broadcast_to(valid[:, None], emb.shape[:2]), kind=cfg.contrastive_kind,
-        temperature=cfg.contrastive_temperature)
+        temperature=cfg.contrastive_temperature, groups=anatomy if within else None)
+             for within in groupings]
+    return sum(terms) / len(terms)
 
   return {"contrastive": (float(cfg.contrastive), contrastive_term)}
 

@@ -56,32 +56,44 @@ def _train(params: Any, lm: gemma3.Gemma3Config, rows: dict[str, np.ndarray], st
   """Trains all weights with the weighted next-token loss on random batches of ``rows``.
 
   Args:
-    rows: ``input_ids``, ``targets``, ``weights``, ``attention_mask``, each [R, L].
+    rows: ``input_ids``, ``targets``, ``weights``, ``attention_mask``, each [R, L]; optionally
+      ``digits`` [R, L] (the weighted targets that are digits, i.e. box coordinates), whose
+      teacher-forced accuracy is logged beside the loss: how well the LM copies boxes from its
+      prompt.
   """
   model = gemma3.Gemma3(lm)
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10 + 1, steps), b2=0.98)
+  rows = dict(rows)
+  has_digits = "digits" in rows
+  digits = rows.pop("digits", np.zeros_like(rows["weights"]))
 
   @jax.jit
-  def step(params, opt_state, batch):
+  def step(params, opt_state, batch, digits):
     def loss_fn(p):
       mask = batch["attention_mask"]
       logits, _ = model.apply({"params": p}, batch["input_ids"],
                               positions=gemma3.positions_from_mask(mask), attention_mask=mask)
       total, count = anatomix.cross_entropy(logits, batch["targets"], batch["weights"])
-      return total / jnp.maximum(count, 1.0)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+      hits = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * digits)
+      return total / jnp.maximum(count, 1.0), hits / jnp.maximum(jnp.sum(digits), 1.0)
+    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), opt_state, loss, accuracy
 
   rng = np.random.default_rng(seed)
   opt_state = tx.init(params)
   count = len(rows["input_ids"])
+  recent = []
   for i in range(steps):
     pick = rng.integers(0, count, batch_size)
-    params, opt_state, loss = step(params, opt_state, {k: jnp.asarray(v[pick])
-                                                       for k, v in rows.items()})
+    params, opt_state, loss, accuracy = step(
+        params, opt_state, {k: jnp.asarray(v[pick]) for k, v in rows.items()},
+        jnp.asarray(digits[pick]))
+    recent = (recent + [float(accuracy)])[-50:]
     if i % 100 == 0 or i == steps - 1:
-      logging.info("demo LM %s step %d/%d: loss %.3f", what, i + 1, steps, float(loss))
+      accuracy = (f", answer-digit accuracy (last 50 steps) {np.mean(recent):.3f}"
+                  if has_digits else "")
+      logging.info("demo LM %s step %d/%d: loss %.3f%s", what, i + 1, steps, float(loss), accuracy)
   return params
 
 
@@ -112,7 +124,8 @@ def context_rows(config: Any, apm: Any, tok: Any, seed: int) -> dict[str, np.nda
   among them; one ``<image>`` token; no system prompt; the loss on the answer (``prompt.encode``).
 
   Returns:
-    ``input_ids``, ``targets``, ``weights``, ``attention_mask``: [R, CONTEXT_LEN].
+    ``input_ids``, ``targets``, ``weights``, ``attention_mask``, ``digits`` (the answer's
+    digit targets): [R, CONTEXT_LEN].
   """
   demo, c = config.lm.demo, config
   rng = np.random.default_rng([seed, 7])
@@ -126,7 +139,8 @@ def context_rows(config: Any, apm: Any, tok: Any, seed: int) -> dict[str, np.nda
   rng.shuffle(others)
   records = (asks + others)[:demo.context_examples]
   low, high = demo.context_lines
-  out = {k: [] for k in ("input_ids", "targets", "weights", "attention_mask")}
+  out = {k: [] for k in ("input_ids", "targets", "weights", "attention_mask", "digits")}
+  is_digit = digit_ids(tok)
   ds = data.batches(grain.MapDataset.source(records), image_roots=c.data.image_roots.to_dict(),
                     image_size=apm.image_size, batch_size=64, train=False)
   for batch in ds:
@@ -153,10 +167,16 @@ def context_rows(config: Any, apm: Any, tok: Any, seed: int) -> dict[str, np.nda
       out["targets"].append(pad(encoded.targets, tok.pad_id))
       out["weights"].append(pad(encoded.loss_mask.astype(np.float32), 0.0))
       out["attention_mask"].append(pad(np.ones(n, np.int32), 0))
+      out["digits"].append(out["weights"][-1] * is_digit[out["targets"][-1]])
   if len(out["input_ids"]) < demo.context_batch_size:
     raise ValueError(f"only {len(out['input_ids'])} context-pretraining examples fit in "
                      f"{CONTEXT_LEN} tokens")
   return {k: np.stack(v) for k, v in out.items()}
+
+
+def digit_ids(tok: Any) -> np.ndarray:
+  """[V] bool: the ids whose text is a digit (the tokens box coordinates are written with)."""
+  return np.asarray([tok.tokenizer.decode([i]).strip().isdigit() for i in range(tok.vocab_size)])
 
 
 def corpus(config: Any, sentences: list[list[str]]) -> list[str]:
