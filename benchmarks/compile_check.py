@@ -29,31 +29,44 @@ from anatomix_jax.aot import compile_check, hardware  # noqa: E402
 from configs import stage1, stage2_finetune  # noqa: E402
 
 PAPER_S2 = {"lm.remat": True, "lm.scan_layers": True}
+XLA_ATTENTION = {"lm.attention": "xla"}
+F32 = {"model.dtype": "float32"}  # stage 1's activations as before the paper config took bf16  # the einsum path; the stage-2 default "auto" is splash
 # name → (stage, topology, config overrides, options shown in the table)
 CASES = {
-    "s1_v5e8": ("stage1", "v5e:2x4", {}, "f32, data 8"),
+    "s1_v5e8": ("stage1", "v5e:2x4", F32, "f32, data 8"),
     "s1_v5e8_bf16": ("stage1", "v5e:2x4", {"model.dtype": "bfloat16"}, "bf16, data 8"),
-    "s1_v5p8": ("stage1", "v5p:2x2x1", {}, "f32, data 4"),
-    "s1_v4_8": ("stage1", "v4:2x2x1", {}, "f32, data 8"),
-    "s1_v5e256": ("stage1", "v5e:16x16", {"train.batch_size": 256},
+    "s1_v5p8": ("stage1", "v5p:2x2x1", F32, "f32, data 4"),
+    "s1_v5p8_bf16": ("stage1", "v5p:2x2x1", {"model.dtype": "bfloat16"}, "bf16, data 4"),
+    "s1_v4_8": ("stage1", "v4:2x2x1", F32, "f32, data 8"),
+    "s1_v5e256": ("stage1", "v5e:16x16", {**F32, "train.batch_size": 256},
                   "f32, data 256, batch 256"),
     "s2_v5p8_unrolled": ("stage2", "v5p:2x2x1", {"mesh.shape": (1, -1, 1), "lm.remat": True},
-                         "fsdp 4, remat"),
+                         "fsdp 4, remat, splash"),
+    "s2_v5p8_unrolled_xla": ("stage2", "v5p:2x2x1", {"mesh.shape": (1, -1, 1), "lm.remat": True,
+                                                     **XLA_ATTENTION},
+                             "fsdp 4, remat, XLA attention"),
     "s2_v5p8": ("stage2", "v5p:2x2x1", {"mesh.shape": (1, -1, 1), **PAPER_S2},
-                "fsdp 4, remat, scan"),
+                "fsdp 4, remat, scan, splash"),
+    "s2_v5p8_xla": ("stage2", "v5p:2x2x1", {"mesh.shape": (1, -1, 1), **PAPER_S2, **XLA_ATTENTION},
+                    "fsdp 4, remat, scan, XLA attention"),
     "s2_v5e8": ("stage2", "v5e:2x4", {"mesh.shape": (1, -1, 1), **PAPER_S2},
-                "fsdp 8, remat, scan"),
+                "fsdp 8, remat, scan, splash"),
+    "s2_v5e8_xla": ("stage2", "v5e:2x4", {"mesh.shape": (1, -1, 1), **PAPER_S2, **XLA_ATTENTION},
+                    "fsdp 8, remat, scan, XLA attention"),
     "s2_v5e8_tp2": ("stage2", "v5e:2x4", {"mesh.shape": (1, -1, 2), **PAPER_S2},
-                    "fsdp 4 × tensor 2, remat, scan"),
+                    "fsdp 4 × tensor 2, remat, scan, splash"),
     "s2_v5e8_noremat": ("stage2", "v5e:2x4", {"mesh.shape": (1, -1, 1), "lm.scan_layers": True,
                                                 "lm.remat": False},
-                        "fsdp 8, scan, no remat"),
+                        "fsdp 8, scan, no remat, splash"),
     "s2_v5e8_fulllogits": ("stage2", "v5e:2x4", {"mesh.shape": (1, -1, 1), **PAPER_S2,
                                                  "train.loss_chunk": 0},
-                           "fsdp 8, remat, scan, unchunked logits"),
+                           "fsdp 8, remat, scan, unchunked logits, splash"),
     "s2_v5e256": ("stage2", "v5e:16x16", {"mesh.shape": (1, -1, 1), **PAPER_S2,
                                           "train.batch_size": 256},
-                  "fsdp 256, remat, scan, batch 256"),
+                  "fsdp 256, remat, scan, batch 256, splash"),
+    "s2_v5e256_xla": ("stage2", "v5e:16x16", {"mesh.shape": (1, -1, 1), **PAPER_S2,
+                                              "train.batch_size": 256, **XLA_ATTENTION},
+                      "fsdp 256, remat, scan, batch 256, XLA attention"),
 }
 TARGETS = {"v5e-8": "v5e:2x4", "v5p-8": "v5p:2x2x1"}
 
@@ -99,11 +112,23 @@ def recommendations(rows: list[dict]) -> dict:
   return out
 
 
+def where_the_bytes_go(rows: list[dict]) -> str:
+  """Per compiled case: the source ops moving the most bytes (``aot.op_bytes``)."""
+  lines = ["Where the bytes go (per device, optimized HLO; loop bodies counted once):"]
+  for r in rows:
+    if r.get("bytes_by_source") and not r["case"].endswith("_as_h100"):
+      top = "; ".join(f"{s['source']} {s['share']:.0%}" for s in r["bytes_by_source"][:4])
+      lines.append(f"- {r['case']} ({r['bytes_accessed_gib_per_device']:.1f} GiB accessed): {top}")
+  return "\n".join(lines)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--only", default="", help="comma-separated case names")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "compile_check"))
+  parser.add_argument("--merge", action="store_true",
+                      help="keep {out}.json's other cases (rerun only --only's)")
   args = parser.parse_args()
   names = [n for n in args.only.split(",") if n] or list(CASES)
   unknown = sorted(set(names) - set(CASES))
@@ -117,6 +142,14 @@ def main() -> None:
     if row.get("program") and row["devices"] == 8 and row["topology"].startswith("v5e"):
       h100 = compile_check.on_other_chip(row, hardware.CHIPS["h100"])
       rows.append({**h100, "case": name + "_as_h100"})
+  if args.merge and os.path.isfile(args.out + ".json"):
+    with open(args.out + ".json", encoding="utf-8") as f:
+      previous = json.load(f)["cases"]
+    rerun = {r["case"] for r in rows}
+    order = list(CASES)
+    rows = sorted([r for r in previous if r["case"] not in rerun
+                   and r["case"].removesuffix("_as_h100") in CASES] + rows,
+                  key=lambda r: (order.index(r["case"].removesuffix("_as_h100")), r["case"]))
   result = {"cases": rows, "recommended": recommendations(rows),
             "chips": {k: vars(v) for k, v in hardware.CHIPS.items()}}
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -129,7 +162,8 @@ def main() -> None:
                  f"GiB/device, ~{v['roofline_step_s']:.2f} s/step" for k, v in
                  result["recommended"].items()]
   with open(args.out + ".md", "w", encoding="utf-8") as f:
-    f.write(compile_check.table(ok) + "\n\n" + "\n".join(failed + [""] + recommended) + "\n")
+    f.write(compile_check.table(ok) + "\n\n" + "\n".join(failed + [""] + recommended) + "\n\n"
+            + where_the_bytes_go(ok) + "\n")
   print(compile_check.table(ok))
   print("\n".join(failed + recommended))
 

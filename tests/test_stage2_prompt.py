@@ -5,11 +5,12 @@ import json
 import os
 import re
 
+import ml_collections
 import numpy as np
 import pytest
 
 from anatomix_jax import anatomy
-from anatomix_jax.stage2 import prompt
+from anatomix_jax.stage2 import batching, prompt
 from anatomix_jax.stage2 import tokenizer as tokenizer_lib
 
 # google/gemma-3-*-it tokenizer_config.json "chat_template", as the JSON text of the file.
@@ -85,6 +86,24 @@ def test_prompt_text_hand_written():
       "The <ref>Left lung</ref> is located at the coordinates <box>(512,100),(900,1000)</box> on "
       "the image.<end_of_turn>")
   assert _example().text() == expected
+
+
+def test_named_lines_put_the_anatomy_name_before_the_box():
+  """``data.line_names`` (the CPU demo's layout): each line names its anatomy, nothing else moves."""
+  named = _example(named_lines=True).text()
+  assert named == _example().text().replace(
+      "<obj_0></emb> box:", "<obj_0></emb> Abdominal cavity box:").replace(
+      "<obj_1></emb> box:", "<obj_1></emb> Aortic arch structure box:").replace(
+      "<obj_2></emb> box:", "<obj_2></emb> Apical zone of left lung box:")
+  assert prompt.finding_lines(BOXES3[:1], ["s."], "only_emb", named=True) == (
+      "emb:<emb><obj_0></emb> Abdominal cavity",)
+  cfg = ml_collections.ConfigDict(dict(
+      buckets=(512,), truncation="error", system_prompts=("",), eval_system_prompts=("",),
+      context_drop_ratio=0.0, context="full", line_names=True))
+  batcher = batching.HostBatcher(None, cfg, 2, seed=0)
+  features = {"boxes": np.asarray(BOXES3)[None], "sentences": [SENTENCES3]}
+  line = batcher.examples([RECORD], features, 0, train=False)[0].findings[2]
+  assert line == "emb:<emb><obj_2></emb> Apical zone of left lung box:<box>(100,200),(300,400)</box> Lungs are clear. "
 
 
 def test_prompt_text_context_dropout_and_generation():

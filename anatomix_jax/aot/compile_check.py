@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from anatomix_jax.aot import flops as flops_lib, hardware
+from anatomix_jax.aot import flops as flops_lib, hardware, op_bytes
 from anatomix_jax.core import sharding as sharding_lib
 
 PAPER_PATCHES, PAPER_IMAGE_DIM, PAPER_OBJECT_DIM = 1024, 256, 16  # the APM at 1024² (stride 32)
@@ -144,7 +144,7 @@ def stage2_lm_config(config: Any):
   groups = stage2_steps.PHASE_GROUPS[config.phase]
   spec = lora_lib.LoraSpec(**c.lora.to_dict()) if "lora" in groups else lora_lib.LoraSpec()
   fields = dict(dtype=c.dtype, param_dtype=c.param_dtype, remat=c.remat, lora=spec,
-                scan_layers=c.scan_layers)
+                scan_layers=c.scan_layers, attention=c.get("attention", "xla"))
   if c.model_dir:
     return hf_gemma3.read_config(c.model_dir, **fields)[0]
   logging.info("lm.model_dir is empty: compiling for MedGemma-4B's text model")
@@ -286,6 +286,7 @@ def analyse(program: Program, compiled: Any, device: hardware.DeviceSpec, num_de
   ``total_gib`` = arguments + outputs − donated aliases + temporaries, as XLA allocates them.
   """
   memory = compiled.memory_analysis()
+  hlo = compiled.as_text()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
@@ -309,6 +310,10 @@ def analyse(program: Program, compiled: Any, device: hardware.DeviceSpec, num_de
       "executed_flops_per_device": executed,
       "bytes_accessed_gib_per_device": gib(accessed),
       "roofline_step_s": round(estimate["step_s"], 4), "bound": estimate["bound"],
+      # What the bytes are: the largest kernels and the source ops that move the most data.
+      "largest_ops": [{k: r[k] for k in ("name", "opcode", "result", "bytes", "share", "op_name")}
+                      for r in op_bytes.largest_ops(hlo, 8)],
+      "bytes_by_source": op_bytes.bytes_by_source(hlo),
       "mfu_estimate": round(model_flops / (num_devices * device.peak_flops * estimate["step_s"]), 3)
       if estimate["step_s"] else None,
       "notes": list(program.notes),

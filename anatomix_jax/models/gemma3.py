@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anatomix_jax.core.sharding import unbox
-from anatomix_jax.models import lora as lora_lib
+from anatomix_jax.models import attention as attention_lib, lora as lora_lib
 # The config lives in gemma3_config; its public names are re-exported here for existing callers.
 from anatomix_jax.models.gemma3_config import (  # noqa: F401
     FULL, HF_MULTIMODAL_MODEL_TYPE, HF_TEXT_DEFAULTS, HF_TEXT_MODEL_TYPE, INIT_STD, LAYER_TYPES,
@@ -251,8 +251,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, mask: Array, cache: Mapping[str, Array] | None,
-               cache_index: Array | None, is_full: Array | None = None
-               ) -> tuple[Array, dict[str, Array] | None]:
+               cache_index: Array | None, is_full: Array | None = None,
+               valid: Array | None = None) -> tuple[Array, dict[str, Array] | None]:
     """Attends from the T new tokens over the keys.
 
     Args:
@@ -262,6 +262,9 @@ class Attention(nn.Module):
       cache: None (S = T) or this layer's ``{"k", "v"}`` [B, KV, S, D].
       cache_index: int32 scalar write offset (with a cache).
       is_full: with ``layer_type`` None (scanned layers): bool scalar, full-attention layer.
+      valid: [B, T] nonzero for real tokens, where ``mask`` is the plain causal/sliding padding
+        mask (no cache, no bidirectional spans): ``config.attention``'s kernel may serve the
+        call (``models.attention``); None: the XLA path with ``mask``.
 
     Returns:
       (float[B, T, H], the updated ``{"k", "v"}`` or None).
@@ -282,30 +285,32 @@ class Attention(nn.Module):
     else:
       theta, factor = cfg.rope(self.layer_type)
       q, k = rope(q, positions, theta, factor), rope(k, positions, theta, factor)
-    new_cache = None
-    b, t = q.shape[:2]
-    q = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, cfg.head_dim)
-    keys = "bskd"  # k, v: [B, S, KV, D]
-    if cache is not None:  # the cache holds [B, KV, S, D]
-      keys, start = "bksd", (0, 0, cache_index, 0)
+    scale, softcap = cfg.query_pre_attn_scalar ** -0.5, cfg.attn_logit_softcapping
+    if cache is None:
+      def fused(window):
+        return attention_lib.attend(q, k, v, mask, valid, kind=cfg.attention, scale=scale,
+                                    window=window, softcap=softcap, fused_ok=valid is not None)
+      if self.layer_type is None and valid is not None and attention_lib.resolve(
+          cfg.attention) != "xla":  # scanned: the kernel's mask is static, pick it per kind
+        out = jax.lax.cond(is_full, lambda: fused(None)[0],
+                           lambda: fused(cfg.sliding_window)[0])
+        weights = None
+      else:
+        out, weights = fused(cfg.sliding_window if self.layer_type == SLIDING else None)
+      new_cache = None
+    else:  # the cache holds [B, KV, S, D]
       new_cache = {name: jax.lax.dynamic_update_slice(
-          cache[name], new.transpose(0, 2, 1, 3).astype(cache[name].dtype), start)
-                   for name, new in (("k", k), ("v", v))}
-      k, v = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
-    scores = jnp.einsum(f"btkgd,{keys}->bkgts", q, k) * jnp.asarray(
-        cfg.query_pre_attn_scalar ** -0.5, dtype)
-    scores = softcap(scores, cfg.attn_logit_softcapping).astype(jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    # Diagnostics only (``stage2.diagnose``): the attention weights [B, KV, G, T, S] are kept when
-    # ``apply(..., mutable=["intermediates"])`` asks for them; otherwise a no-op.
-    self.sow("intermediates", "attention_weights", weights)
-    if cache is not None and t == 1:
-      # One decode token: multiply-and-sum over the slots. As a dot, XLA:CPU runs it as B·KV tiny
-      # [G, S]·[S, D] matmuls, which cost ~3x more per decode step.
-      out = jnp.sum(weights[:, :, :, 0, :, None] * v[:, :, None], axis=-2)[:, None]  # [B,1,KV,G,D]
-    else:
-      out = jnp.einsum(f"bkgts,{keys}->btkgd", weights, v)
+          cache[name], new.transpose(0, 2, 1, 3).astype(cache[name].dtype),
+          (0, 0, cache_index, 0)) for name, new in (("k", k), ("v", v))}
+      out, weights = attention_lib.xla_attention(
+          q.reshape(*q.shape[:2], cfg.num_key_value_heads, cfg.num_groups, cfg.head_dim),
+          new_cache["k"].astype(dtype), new_cache["v"].astype(dtype), mask, scale=scale,
+          softcap=softcap, keys="bksd")
+    if weights is not None:
+      # Diagnostics only (``stage2.diagnose``): the attention weights [B, KV, G, T, S] are kept
+      # when ``apply(..., mutable=["intermediates"])`` asks for them; otherwise a no-op.
+      self.sow("intermediates", "attention_weights", weights)
+    b, t = q.shape[:2]
     out = out.reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
     return HeadsMerge(cfg.hidden_size, dtype, pdtype, _lora_for(cfg, "o_proj"),
                       name="o_proj")(out), new_cache
@@ -335,12 +340,13 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, mask: Array, cache: Mapping[str, Array] | None,
-               cache_index: Array | None) -> tuple[Array, dict[str, Array] | None]:
+               cache_index: Array | None, valid: Array | None = None
+               ) -> tuple[Array, dict[str, Array] | None]:
     """float[B, T, H] → (float[B, T, H], updated layer cache or None); see ``Attention``."""
     cfg = self.config
     norm = functools.partial(RMSNorm, cfg.rms_norm_eps, "embed", cfg.params_dtype)
     h, new_cache = Attention(cfg, self.layer_type, name="attn")(
-        norm(name="input_layernorm")(x), positions, mask, cache, cache_index)
+        norm(name="input_layernorm")(x), positions, mask, cache, cache_index, valid=valid)
     x = x + norm(name="post_attention_layernorm")(h)
     h = MLP(cfg, name="mlp")(norm(name="pre_feedforward_layernorm")(x))
     x = x + norm(name="post_feedforward_layernorm")(h)
@@ -355,12 +361,12 @@ class ScannedLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, is_full: Array, positions: Array, full_mask: Array,
-               sliding_mask: Array) -> tuple[Array, None]:
+               sliding_mask: Array, valid: Array | None) -> tuple[Array, None]:
     cfg = self.config
     norm = functools.partial(RMSNorm, cfg.rms_norm_eps, "embed", cfg.params_dtype)
     mask = jnp.where(is_full, full_mask, sliding_mask)
     h, _ = Attention(cfg, None, name="attn")(norm(name="input_layernorm")(x), positions, mask,
-                                             None, None, is_full)
+                                             None, None, is_full, valid)
     x = x + norm(name="post_attention_layernorm")(h)
     h = MLP(cfg, name="mlp")(norm(name="pre_feedforward_layernorm")(x))
     x = x + norm(name="post_feedforward_layernorm")(h)
@@ -370,7 +376,7 @@ class ScannedLayer(nn.Module):
 def _scanned_layers(config: Gemma3Config) -> nn.Module:
   body = nn.remat(ScannedLayer) if config.remat else ScannedLayer
   return nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                  length=config.num_hidden_layers,
                  metadata_params={nn.PARTITION_NAME: "layers"})(config, name="layers")
 
@@ -554,13 +560,15 @@ class Gemma3(nn.Module):
           jnp.zeros((b, slots), jnp.int32), token_groups.astype(jnp.int32), (0, offset))
     masks = attention_masks(attention_mask, positions, key_positions, offset, cfg.sliding_window,
                             token_groups, key_groups)
+    # A fused kernel may serve full-sequence calls whose mask is plain causal/sliding + padding.
+    valid = attention_mask if cache is None and token_groups is None else None
     x = nn.with_logical_constraint(x, TOKEN_AXES)
     if cfg.scan_layers:
       if cache is not None:
         raise ValueError("scan_layers=True runs without a KV cache; for generation use the "
                          "per-layer layout (unstack_layers, scan_layers=False)")
       is_full = jnp.asarray([kind == FULL for kind in cfg.layer_types])
-      x, _ = self.layers(x, is_full, positions, masks[FULL], masks[SLIDING])
+      x, _ = self.layers(x, is_full, positions, masks[FULL], masks[SLIDING], valid)
       hidden = self.final_norm(x)
       logits = self.embedder.decode(hidden)
       return (logits, None, hidden) if return_hidden else (logits, None)
@@ -568,7 +576,7 @@ class Gemma3(nn.Module):
     for i, (layer, kind) in enumerate(zip(self.layers, cfg.layer_types)):
       layer_cache = None if cache is None else cache[f"layers_{i}"]
       x, updated = layer(x, positions, masks[kind], layer_cache,
-                         None if cache is None else offset)
+                         None if cache is None else offset, valid)
       if new_cache is not None:
         new_cache[f"layers_{i}"] = updated
     hidden = self.final_norm(x)

@@ -20,6 +20,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from anatomix_jax.models import lora as lora_lib
+from anatomix_jax.models.attention import KINDS as ATTENTION_KINDS
 from anatomix_jax.models.transformer import DTYPES
 
 SLIDING = "sliding_attention"
@@ -80,6 +81,9 @@ class Gemma3Config:
       keeps compile time flat in L). Each layer's kind picks its mask and RoPE inside the body.
       Training and full forwards only: a KV cache needs the per-layer layout
       (``unstack_layers`` converts the params).
+    attention: how attention is computed (``models.attention.KINDS``): "xla" (einsums, any
+      mask), "splash" (Pallas kernel, TPU), "cudnn" (GPU) or "auto" (the platform's kernel).
+      The kernels serve full-sequence calls; generation always takes the XLA path.
   """
 
   vocab_size: int
@@ -109,6 +113,7 @@ class Gemma3Config:
   remat: bool = False
   lora: lora_lib.LoraSpec = lora_lib.LoraSpec()
   scan_layers: bool = False
+  attention: str = "xla"
 
   def __post_init__(self):
     if self.layer_types is None:
@@ -143,6 +148,8 @@ class Gemma3Config:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         problems.append(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+    if self.attention not in ATTENTION_KINDS:
+      problems.append(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
     if problems:
       raise ValueError("invalid Gemma3Config: " + "; ".join(problems))
 

@@ -258,6 +258,7 @@ def config_from_args(args: Any, overrides: Mapping[str, Any] | None = None,
     raise ValueError(f"{source}: args is a {type(args).__name__}, expected the original's "
                      "argparse.Namespace")
   config = stage1_config.get_config()
+  config.model.dtype = "float32"  # the original computes in float32 (an override may say bf16)
   overrides = dict(overrides or {})
   flat, _ = flatten_args(args)
   for arg, key in ARG_KEYS:

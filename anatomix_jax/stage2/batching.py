@@ -25,7 +25,8 @@ class HostBatcher:
   Args:
     tok: the tokenizer.
     data_cfg: ``config.data`` (system prompts, context dropout, buckets, truncation, ``context``:
-      ``prompt.CONTEXTS``, "full" when absent, as in configs saved before it existed).
+      ``prompt.CONTEXTS``, "full" when absent, as in configs saved before it existed;
+      ``line_names``, False when absent).
     num_image_tokens: ``<image>`` tokens per prompt (the APM's patches, or 1 for its CLS token).
     seed: the run's seed.
   """
@@ -39,6 +40,7 @@ class HostBatcher:
     self.eval_prompts = tuple(data_cfg.eval_system_prompts)
     self.context_drop_ratio = float(data_cfg.context_drop_ratio)
     self.context = prompt.check_context(str(data_cfg.get("context", "full")))
+    self.named_lines = bool(data_cfg.get("line_names", False))
     self.num_image_tokens = num_image_tokens
     self.seed = seed
 
@@ -52,7 +54,8 @@ class HostBatcher:
           record, features["boxes"][i], features["sentences"][i], rng,
           system_prompts=self.train_prompts if train else self.eval_prompts,
           context_drop_ratio=self.context_drop_ratio if train else 0.0,
-          num_image_tokens=self.num_image_tokens, answer=answer, context=self.context))
+          num_image_tokens=self.num_image_tokens, answer=answer, context=self.context,
+          named_lines=self.named_lines))
     return out
 
   def __call__(self, records: Sequence[Mapping[str, Any]], features: Mapping[str, Any],

@@ -34,6 +34,9 @@ def base_config(phase: str) -> ml_collections.ConfigDict:
       # without it (benchmarks/compile_check.py); the recomputation costs a third more FLOPs.
       dtype="bfloat16", param_dtype="float32", remat=True,
       scan_layers=False,               # one scanned layer body (flat compile time in depth)
+      # Attention (models/attention.py): "auto" = splash (Pallas) on TPU, cuDNN flash attention on
+      # GPU, XLA einsums on CPU; "xla" | "splash" | "cudnn" force one (generation is always XLA).
+      attention="auto",
       projection_hidden=512,
       bidirectional_image=False,       # the reference: causal attention over image tokens too
       # The image as LM tokens: "patches" (the APM's P patch-memory tokens, the paper's model) or
@@ -52,7 +55,10 @@ def base_config(phase: str) -> ml_collections.ConfigDict:
           pretrain_steps=0, pretrain_lr=3e-3, pretrain_batch_size=16,
           # Then text-only stage-2 prompts with short contexts (demo/lm.py: context_rows).
           context_pretrain_steps=0, context_batch_size=16, context_examples=6000,
-          context_lines=(2, 8))),
+          context_lines=(2, 8),
+          # > 0: context-pretraining positions get random gaps before lines, up to this position
+          # (demo/lm.py: stretched_positions), so short prompts span a stage-2 prompt's distances.
+          context_max_position=0)),
   ))
   c.init_from = ""                    # finetune: the align workdir whose heads start phase 2
 
@@ -75,6 +81,10 @@ def base_config(phase: str) -> ml_collections.ConfigDict:
       # paper's model), "skip" (no anatomy lines), "only_emb" (emb:<emb><obj_i></emb> lines) or
       # "names" (the default context: boxes + anatomy names, no retrieval).
       context="full",
+      # Name each line's anatomy before its box (prompt.finding_lines; not the reference's format):
+      # the CPU demo's small LM finds the asked anatomy's line by its name (README "Does stage 2
+      # learn?"); the paper's configs keep the reference's unnamed lines.
+      line_names=False,
       buckets=(2048, 2560, 3072),      # padded lengths (tokens); one compile per bucket
       truncation="error",              # or "drop" (counted)
   ))
@@ -109,7 +119,9 @@ def apply_demo(c: ml_collections.ConfigDict) -> None:
   # 32 × 128 tokens of the demo's conversations give it induction (it copies the asked anatomy's
   # name into the answer: teacher-forced accuracy on those tokens 0.94 after 500 such steps, 0.58
   # after 250), then 350 steps on text-only prompts with 2-10 context lines start it copying the
-  # asked line's box (README "Does stage 2 learn?": learned in part within the CPU budget).
+  # asked line's box (README "Does stage 2 learn?": learned in part within the CPU budget; named
+  # lines, data.line_names, and stretched positions, lm.demo.context_max_position, learn the
+  # lookup in text-only runs but need more steps than the budget holds).
   c.lm.demo.update(dict(enabled=True, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                         pretrain_steps=500, pretrain_batch_size=32, context_pretrain_steps=350,
                         context_lines=(2, 10)))

@@ -107,8 +107,8 @@ def context_header(context: str = "full") -> tuple[str, ...]:
   return CONTEXT_HEADER if check_context(context) in ("full", "names") else CONTEXT_HEADER[:1]
 
 
-def finding_lines(boxes: Any, sentences: Sequence[str],
-                  context: str = "full") -> tuple[str, ...]:
+def finding_lines(boxes: Any, sentences: Sequence[str], context: str = "full",
+                  named: bool = False) -> tuple[str, ...]:
   """One context line per anatomy: ``emb:<emb><obj_i></emb> box:<box>(x1,y1),(x2,y2)</box> {s_i}``.
 
   Args:
@@ -116,6 +116,10 @@ def finding_lines(boxes: Any, sentences: Sequence[str],
     sentences: K retrieved sentences, anatomy order.
     context: ``"full"`` (the above); ``"names"``: the anatomy name instead of ``s_i``;
       ``"only_emb"``: ``emb:<emb><obj_i></emb>`` alone; ``"skip"``: no lines.
+    named: put the anatomy's name before its box (``…</emb> Right lung box:<box>…``;
+      ``data.line_names``, not the reference's format): the line of the anatomy a question
+      names is then found by matching text, which a small LM learns within a CPU demo's budget,
+      instead of by the ``<obj_i>`` embedding alone (the reference's MedGemma learns that).
 
   Raises:
     ValueError: shapes disagree, K > 36, a non-finite box or a non-string sentence, an unknown
@@ -133,11 +137,12 @@ def finding_lines(boxes: Any, sentences: Sequence[str],
   for i, (box, sentence) in enumerate(zip(boxes, sentences)):
     if not isinstance(sentence, str):
       raise ValueError(f"sentence {i} must be a string, got {type(sentence).__name__}")
+    name = f" {anatomy.DISPLAY_NAMES[i]}" if named else ""
     if context == "only_emb":
-      lines.append(f"emb:<emb><obj_{i}></emb>")
+      lines.append(f"emb:<emb><obj_{i}></emb>{name}")
     else:
       text = anatomy.ANATOMY_NAMES[i] if context == "names" else sentence
-      lines.append(f"emb:<emb><obj_{i}></emb> box:{schema.boxed(box)} {text}")
+      lines.append(f"emb:<emb><obj_{i}></emb>{name} box:{schema.boxed(box)} {text}")
   return () if context == "skip" else tuple(lines)
 
 
@@ -242,7 +247,7 @@ def build_example(record: Mapping[str, Any], boxes: Any, sentences: Sequence[str
                   rng: np.random.Generator, *, system_prompts: Sequence[str],
                   context_drop_ratio: float, num_image_tokens: int, answer: bool = True,
                   response_boxes: Sequence[Sequence[float]] | None = None,
-                  context: str = "full") -> Example:
+                  context: str = "full", named_lines: bool = False) -> Example:
   """Draws and fills one conversation for a record (the reference's random draws, in its order).
 
   Args:
@@ -257,6 +262,7 @@ def build_example(record: Mapping[str, Any], boxes: Any, sentences: Sequence[str
     response_boxes: boxes for the response's ``__BOX{i}__`` (default ``record["boxes"]``; pass the
       augmented boxes when the image was transformed).
     context: ``data.context`` (``CONTEXTS``, module docstring); dropout applies to "full" only.
+    named_lines: ``data.line_names`` (``finding_lines``' ``named``).
 
   Raises:
     ValueError: no system prompts, N < 1, a placeholder without a box, bad boxes/sentences, an
@@ -267,7 +273,7 @@ def build_example(record: Mapping[str, Any], boxes: Any, sentences: Sequence[str
     raise ValueError(f"{where}: system_prompts is empty (use ('',) for no system prompt)")
   if num_image_tokens < 1:
     raise ValueError(f"num_image_tokens must be ≥ 1, got {num_image_tokens}")
-  findings = finding_lines(boxes, sentences, context)
+  findings = finding_lines(boxes, sentences, context, named_lines)
   system = system_prompts[int(rng.integers(len(system_prompts)))]
   dropped = not rng.random() > context_drop_ratio and context == "full"
   instruction = record["instructions"][int(rng.integers(len(record["instructions"])))]

@@ -107,7 +107,8 @@ class Stage2Task:
     self.file_lm_config, _ = hf_gemma3.read_config(self.base_dir, dtype=c.lm.dtype,
                                                    param_dtype=c.lm.param_dtype,
                                                    remat=c.lm.remat, lora=spec,
-                                                   scan_layers=c.lm.scan_layers, **untie)
+                                                   scan_layers=c.lm.scan_layers,
+                                                   attention=c.lm.get("attention", "xla"), **untie)
     lm_config = self.file_lm_config
     check_receptive_field(lm_config, max(c.data.buckets), self.base_dir)
     # The 45 stage-2 tokens need embedding rows. MedGemma's table (262,208 rows) already holds

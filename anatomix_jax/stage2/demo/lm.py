@@ -36,6 +36,7 @@ from anatomix_jax.stage2 import data, grounding, prompt, tokenizer
 
 PRETRAIN_LEN = 128
 CONTEXT_LEN = 448  # padded length of a context-pretraining row (longer examples are dropped)
+LENGTH_STEP = 64  # a batch is cut to its rows' length bucket (a multiple of this): less padding
 
 
 def conversations(config: Any) -> list[str]:
@@ -51,15 +52,47 @@ def conversations(config: Any) -> list[str]:
   return out
 
 
-def _train(params: Any, lm: gemma3.Gemma3Config, rows: dict[str, np.ndarray], steps: int,
-           lr: float, seed: int, what: str, batch_size: int) -> Any:
-  """Trains all weights with the weighted next-token loss on random batches of ``rows``.
+def stretched_positions(input_ids: np.ndarray, mask: np.ndarray, line_start_id: int,
+                        max_position: int, rng: np.random.Generator) -> np.ndarray:
+  """RoPE positions with random gaps before context lines: int[B, L].
+
+  A short training prompt then spans the relative distances of a long one (the stage-2 prompt's
+  36 lines reach ~1,400 tokens back from the answer, and lie beyond the sliding window of the
+  local layers), while the tokens within a line stay adjacent. Per row, a total gap drawn
+  uniformly in [0, max_position − length) is split over its line starts (``line_start_id``
+  tokens) by a flat Dirichlet draw.
 
   Args:
-    rows: ``input_ids``, ``targets``, ``weights``, ``attention_mask``, each [R, L]; optionally
-      ``digits`` [R, L] (the weighted targets that are digits, i.e. box coordinates), whose
-      teacher-forced accuracy is logged beside the loss: how well the LM copies boxes from its
-      prompt.
+    input_ids, mask: int[B, L] (right-padded rows).
+  """
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  for row in range(len(input_ids)):
+    starts = np.flatnonzero(input_ids[row] == line_start_id)
+    extra = int(rng.integers(0, max(max_position - int(mask[row].sum()), 1)))
+    if len(starts):
+      gaps = np.zeros(input_ids.shape[1], np.int64)
+      gaps[starts] = np.round(rng.dirichlet(np.ones(len(starts))) * extra)
+      positions[row] += np.cumsum(gaps)
+  return positions.astype(np.int32)
+
+
+def _train(params: Any, lm: gemma3.Gemma3Config, rows: dict[str, np.ndarray], steps: int,
+           lr: float, seed: int, what: str, batch_size: int,
+           stretch: tuple[int, int] | None = None) -> Any:
+  """Trains all weights with the weighted next-token loss on random batches of ``rows``.
+
+  With ``stretch``, short rows stand in for long prompts, so they should also be cheap: each batch
+  is then drawn from one length bucket (rows whose real length rounds up to the same multiple of
+  ``LENGTH_STEP``; a bucket picked in proportion to its rows) and cut to that length (one compile
+  per bucket). Without it, batches are uniform draws of whole rows.
+
+  Args:
+    rows: ``input_ids``, ``targets``, ``weights``, ``attention_mask``, each [R, L] (right-padded);
+      optionally ``digits`` [R, L] (the weighted targets that are digits, i.e. box coordinates),
+      whose teacher-forced accuracy is logged beside the loss: how well the LM copies boxes from
+      its prompt.
+    stretch: ``(line_start_id, max_position)``: positions from ``stretched_positions``; None:
+      consecutive.
   """
   model = gemma3.Gemma3(lm)
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10 + 1, steps), b2=0.98)
@@ -70,8 +103,8 @@ def _train(params: Any, lm: gemma3.Gemma3Config, rows: dict[str, np.ndarray], st
   def step(params, opt_state, batch, digits):
     def loss_fn(p):
       mask = batch["attention_mask"]
-      logits, _ = model.apply({"params": p}, batch["input_ids"],
-                              positions=gemma3.positions_from_mask(mask), attention_mask=mask)
+      logits, _ = model.apply({"params": p}, batch["input_ids"], positions=batch["positions"],
+                              attention_mask=mask)
       total, count = anatomix.cross_entropy(logits, batch["targets"], batch["weights"])
       if digits is None:
         return total / jnp.maximum(count, 1.0), jnp.zeros(())
@@ -83,13 +116,23 @@ def _train(params: Any, lm: gemma3.Gemma3Config, rows: dict[str, np.ndarray], st
 
   rng = np.random.default_rng(seed)
   opt_state = tx.init(params)
-  count = len(rows["input_ids"])
+  lengths = -(-rows["attention_mask"].sum(1) // LENGTH_STEP) * LENGTH_STEP
+  buckets = {int(n): np.flatnonzero(lengths == n) for n in np.unique(lengths)}
+  sizes = np.asarray([len(v) for v in buckets.values()], np.float64)
   recent = []  # the last 50 steps' accuracies, on device until logged (no per-step sync)
   for i in range(steps):
-    pick = rng.integers(0, count, batch_size)
+    if stretch is None:
+      length, pick = rows["input_ids"].shape[1], rng.integers(0, len(lengths), batch_size)
+    else:
+      length = list(buckets)[rng.choice(len(buckets), p=sizes / sizes.sum())]
+      pick = rng.choice(buckets[length], batch_size)
+    batch = {k: v[pick, :length] for k, v in rows.items()}
+    batch["positions"] = (
+        np.maximum(np.cumsum(batch["attention_mask"], axis=1) - 1, 0) if stretch is None else
+        stretched_positions(batch["input_ids"], batch["attention_mask"], *stretch, rng))
     params, opt_state, loss, accuracy = step(
-        params, opt_state, {k: jnp.asarray(v[pick]) for k, v in rows.items()},
-        None if digits is None else jnp.asarray(digits[pick]))
+        params, opt_state, {k: jnp.asarray(v) for k, v in batch.items()},
+        None if digits is None else jnp.asarray(digits[pick, :length]))
     recent = (recent + [accuracy])[-50:]
     if i % 100 == 0 or i == steps - 1:
       accuracy = ("" if digits is None else ", answer-digit accuracy (last 50 steps) "
@@ -153,7 +196,7 @@ def context_rows(config: Any, apm: Any, tok: Any, seed: int) -> dict[str, np.nda
       boxes, asked = oracle[j], grounding.asked_anatomy(record)
       example = prompt.build_example(record, boxes, features["sentences"][j], rng,
                                      system_prompts=("",), context_drop_ratio=0.0,
-                                     num_image_tokens=1)
+                                     num_image_tokens=1, named_lines=c.data.line_names)
       lines = set(rng.choice(len(boxes), size=int(rng.integers(low, high + 1)), replace=False))
       if asked is not None:
         lines.add(int(asked))
@@ -227,8 +270,9 @@ def make_base(out_dir: str, config: Any, apm: Any) -> str:
     rows = context_rows(config, apm, tok, config.seed)
     logging.info("demo LM context pretraining on %d prompts (%.0f tokens on average)",
                  len(rows["input_ids"]), rows["attention_mask"].sum(1).mean())
+    stretch = (tok.emb_id, demo.context_max_position) if demo.context_max_position else None
     params = _train(params, lm, rows, demo.context_pretrain_steps, demo.pretrain_lr,
-                    config.seed + 1, "context pretraining", demo.context_batch_size)
+                    config.seed + 1, "context pretraining", demo.context_batch_size, stretch)
   hf_gemma3.export_gemma3(params, lm, tmp)
   os.replace(tmp, out_dir)
   return out_dir
