@@ -82,8 +82,8 @@ def base_config(phase: str) -> ml_collections.ConfigDict:
       # "names" (the default context: boxes + anatomy names, no retrieval).
       context="full",
       # Name each line's anatomy before its box (prompt.finding_lines; not the reference's format):
-      # the CPU demo's small LM finds the asked anatomy's line by its name (README "Does stage 2
-      # learn?"); the paper's configs keep the reference's unnamed lines.
+      # a small LM then finds the asked anatomy's line by its name, which it learns far sooner than
+      # the <obj_i> association (README "Does stage 2 learn?"). Off: the reference's lines.
       line_names=False,
       buckets=(2048, 2560, 3072),      # padded lengths (tokens); one compile per bucket
       truncation="error",              # or "drop" (counted)
