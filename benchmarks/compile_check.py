@@ -29,14 +29,15 @@ from anatomix_jax.aot import compile_check, hardware  # noqa: E402
 from configs import stage1, stage2_finetune  # noqa: E402
 
 PAPER_S2 = {"lm.remat": True, "lm.scan_layers": True}
-XLA_ATTENTION = {"lm.attention": "xla"}
-F32 = {"model.dtype": "float32"}  # stage 1's activations as before the paper config took bf16  # the einsum path; the stage-2 default "auto" is splash
+XLA_ATTENTION = {"lm.attention": "xla"}  # the einsum path; the stage-2 default "auto" is splash
+F32 = {"model.dtype": "float32"}  # stage 1's activations as before the paper config took bf16
+BF16 = {"model.dtype": "bfloat16"}
 # name → (stage, topology, config overrides, options shown in the table)
 CASES = {
     "s1_v5e8": ("stage1", "v5e:2x4", F32, "f32, data 8"),
-    "s1_v5e8_bf16": ("stage1", "v5e:2x4", {"model.dtype": "bfloat16"}, "bf16, data 8"),
+    "s1_v5e8_bf16": ("stage1", "v5e:2x4", BF16, "bf16, data 8"),
     "s1_v5p8": ("stage1", "v5p:2x2x1", F32, "f32, data 4"),
-    "s1_v5p8_bf16": ("stage1", "v5p:2x2x1", {"model.dtype": "bfloat16"}, "bf16, data 4"),
+    "s1_v5p8_bf16": ("stage1", "v5p:2x2x1", BF16, "bf16, data 4"),
     "s1_v4_8": ("stage1", "v4:2x2x1", F32, "f32, data 8"),
     "s1_v5e256": ("stage1", "v5e:16x16", {**F32, "train.batch_size": 256},
                   "f32, data 256, batch 256"),

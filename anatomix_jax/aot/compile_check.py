@@ -286,7 +286,7 @@ def analyse(program: Program, compiled: Any, device: hardware.DeviceSpec, num_de
   ``total_gib`` = arguments + outputs − donated aliases + temporaries, as XLA allocates them.
   """
   memory = compiled.memory_analysis()
-  hlo = compiled.as_text()
+  kernels = op_bytes.kernel_ops(compiled.as_text())
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
@@ -311,9 +311,8 @@ def analyse(program: Program, compiled: Any, device: hardware.DeviceSpec, num_de
       "bytes_accessed_gib_per_device": gib(accessed),
       "roofline_step_s": round(estimate["step_s"], 4), "bound": estimate["bound"],
       # What the bytes are: the largest kernels and the source ops that move the most data.
-      "largest_ops": [{k: r[k] for k in ("name", "opcode", "result", "bytes", "share", "op_name")}
-                      for r in op_bytes.largest_ops(hlo, 8)],
-      "bytes_by_source": op_bytes.bytes_by_source(hlo),
+      "largest_ops": op_bytes.largest_ops(kernels, 8),
+      "bytes_by_source": op_bytes.bytes_by_source(kernels),
       "mfu_estimate": round(model_flops / (num_devices * device.peak_flops * estimate["step_s"]), 3)
       if estimate["step_s"] else None,
       "notes": list(program.notes),

@@ -1,7 +1,7 @@
 """Where a compiled step's memory traffic goes: its largest operations by bytes, from the HLO.
 
 XLA's cost analysis gives one "bytes accessed" total per program; to say *why* a step is memory-
-bound, ``largest_ops`` reads the optimized HLO text (``compiled.as_text()``) and, for every
+bound, ``kernel_ops`` reads the optimized HLO text (``compiled.as_text()``) and, for every
 operation the device executes as one kernel (a fusion, convolution, dot, custom call such as a
 Pallas kernel, copy, collective — the instructions of the entry computation and of loop bodies,
 not those inside a fusion), adds the bytes of its operands and results as the HLO types state
@@ -90,19 +90,20 @@ def kernel_ops(hlo_text: str) -> list[dict[str, Any]]:
   return rows
 
 
-def largest_ops(hlo_text: str, count: int = 8) -> list[dict[str, Any]]:
-  """The ``count`` operations with the most bytes, each with its share of all operations'."""
-  rows = kernel_ops(hlo_text)
+def largest_ops(rows: list[dict[str, Any]], count: int = 8) -> list[dict[str, Any]]:
+  """The ``count`` operations of ``rows`` (``kernel_ops``) with the most bytes, each with its
+  share of all operations'."""
   total = sum(r["bytes"] for r in rows) or 1
   top = sorted(rows, key=lambda r: -r["bytes"])[:count]
   return [{**r, "share": round(r["bytes"] / total, 4)} for r in top]
 
 
-def bytes_by_source(hlo_text: str, depth: int = 3, count: int = 8) -> list[dict[str, Any]]:
-  """Bytes summed by source op (the last ``depth`` parts of ``op_name``, e.g. the module path and
-  primitive), largest first: which layers and primitives move the data."""
+def bytes_by_source(rows: list[dict[str, Any]], depth: int = 3, count: int = 8
+                    ) -> list[dict[str, Any]]:
+  """Bytes of ``rows`` (``kernel_ops``) summed by source op (the last ``depth`` parts of
+  ``op_name``, e.g. the module path and primitive), largest first: which layers and primitives
+  move the data."""
   sums: dict[str, int] = {}
-  rows = kernel_ops(hlo_text)
   for r in rows:
     key = "/".join(r["op_name"].split("/")[-depth:]) or r["opcode"]
     sums[key] = sums.get(key, 0) + r["bytes"]

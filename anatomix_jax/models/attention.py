@@ -44,6 +44,11 @@ SPLASH_BLOCK = 512
 SPLASH_MIN_BLOCK = 128
 
 
+def apply_softcap(x: Array, cap: float | None) -> Array:
+  """``tanh(x / cap) · cap`` (identity for ``cap`` None)."""
+  return x if cap is None else jnp.tanh(x / cap) * cap
+
+
 def check_kind(kind: str) -> str:
   """``kind`` if it is one of ``KINDS``, else ValueError naming ``lm.attention``."""
   if kind not in KINDS:
@@ -82,9 +87,8 @@ def xla_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: float,
   """
   dtype = q.dtype
   scores = jnp.einsum(f"btkgd,{keys}->bkgts", q, k) * jnp.asarray(scale, dtype)
-  if softcap is not None:
-    scores = jnp.tanh(scores / softcap) * softcap
-  scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+  scores = apply_softcap(scores, softcap).astype(jnp.float32)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
   if q.shape[1] == 1 and keys == "bksd":
     # One decode token: multiply-and-sum over the slots. As a dot, XLA:CPU runs it as B·KV tiny
@@ -203,24 +207,25 @@ def cudnn_attention(q: Array, k: Array, v: Array, valid: Array, *, scale: float,
       implementation=implementation)
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array, valid: Array, *, kind: str, scale: float,
-           window: int | None, softcap: float | None, fused_ok: bool,
+def attend(q: Array, k: Array, v: Array, mask: Array, valid: Array | None, *, kind: str,
+           scale: float, window: int | None, softcap: float | None
            ) -> tuple[Array, Array | None]:
   """Attention by ``kind`` (``resolve``d), falling back to XLA where the kernel cannot serve.
 
   Args:
     q: [B, T, N, D]; k, v: [B, S, KV, D] (S = T: no cache).
     mask: bool[B, T, S], the full mask (the XLA path's; unused, hence free, under a kernel).
-    valid: [B, S] nonzero for real keys.
+    valid: [B, S] nonzero for real keys, given only when ``mask`` is the plain causal/sliding
+      padding mask (no KV cache, no bidirectional spans), which the kernels can build; None: XLA.
     kind: ``KINDS``.
     window: the layer's sliding window (None: a full-attention layer).
-    fused_ok: the call has no KV cache and no bidirectional spans (the kernels' masks suffice).
 
   Returns:
     ``(out [B, T, N, D], weights [B, KV, G, T, S] or None under a kernel)``.
   """
   kind = resolve(kind)
   b, t, n, d = q.shape
+  fused_ok = valid is not None
   if fused_ok and kind == "splash" and splash_supported(t):
     return splash_attention(q, k, v, valid, scale=scale, window=window, softcap=softcap), None
   if fused_ok and kind == "cudnn" and softcap is None:

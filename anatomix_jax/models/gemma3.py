@@ -76,11 +76,6 @@ def _normal_init(axes: tuple[str | None, ...]) -> nn.initializers.Initializer:
   return nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), axes)
 
 
-def softcap(x: Array, cap: float | None) -> Array:
-  """``tanh(x / cap) · cap`` (identity for ``cap`` None)."""
-  return x if cap is None else jnp.tanh(x / cap) * cap
-
-
 def positions_from_mask(attention_mask: Array) -> Array:
   """RoPE positions counted over real tokens: int32[B, T] = max(cumsum(mask) - 1, 0).
 
@@ -168,7 +163,8 @@ class Embedder(nn.Module):
     table = self.embedding if self.config.tie_word_embeddings else self.lm_head
     table = table.astype(self.config.compute_dtype)
     logits = jnp.einsum("bth,vh->btv", x, table, preferred_element_type=jnp.float32)
-    return softcap(logits.astype(jnp.float32), self.config.final_logit_softcapping)
+    return attention_lib.apply_softcap(logits.astype(jnp.float32),
+                                       self.config.final_logit_softcapping)
 
 
 class HeadsProjection(nn.Module):
@@ -289,7 +285,7 @@ class Attention(nn.Module):
     if cache is None:
       def fused(window):
         return attention_lib.attend(q, k, v, mask, valid, kind=cfg.attention, scale=scale,
-                                    window=window, softcap=softcap, fused_ok=valid is not None)
+                                    window=window, softcap=softcap)
       if self.layer_type is None and valid is not None and attention_lib.resolve(
           cfg.attention) != "xla":  # scanned: the kernel's mask is static, pick it per kind
         out = jax.lax.cond(is_full, lambda: fused(None)[0],

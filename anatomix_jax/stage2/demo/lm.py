@@ -65,7 +65,7 @@ def stretched_positions(input_ids: np.ndarray, mask: np.ndarray, line_start_id: 
   Args:
     input_ids, mask: int[B, L] (right-padded rows).
   """
-  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  positions = np.array(gemma3.positions_from_mask(mask))
   for row in range(len(input_ids)):
     starts = np.flatnonzero(input_ids[row] == line_start_id)
     extra = int(rng.integers(0, max(max_position - int(mask[row].sum()), 1)))
@@ -103,7 +103,8 @@ def _train(params: Any, lm: gemma3.Gemma3Config, rows: dict[str, np.ndarray], st
   def step(params, opt_state, batch, digits):
     def loss_fn(p):
       mask = batch["attention_mask"]
-      logits, _ = model.apply({"params": p}, batch["input_ids"], positions=batch["positions"],
+      positions = batch.get("positions", gemma3.positions_from_mask(mask))
+      logits, _ = model.apply({"params": p}, batch["input_ids"], positions=positions,
                               attention_mask=mask)
       total, count = anatomix.cross_entropy(logits, batch["targets"], batch["weights"])
       if digits is None:
@@ -116,20 +117,22 @@ def _train(params: Any, lm: gemma3.Gemma3Config, rows: dict[str, np.ndarray], st
 
   rng = np.random.default_rng(seed)
   opt_state = tx.init(params)
-  lengths = -(-rows["attention_mask"].sum(1) // LENGTH_STEP) * LENGTH_STEP
-  buckets = {int(n): np.flatnonzero(lengths == n) for n in np.unique(lengths)}
-  sizes = np.asarray([len(v) for v in buckets.values()], np.float64)
+  count, full = rows["input_ids"].shape
+  if stretch is not None:
+    lengths = -(-rows["attention_mask"].sum(1) // LENGTH_STEP) * LENGTH_STEP
+    buckets = {int(n): np.flatnonzero(lengths == n) for n in np.unique(lengths)}
+    sizes = np.asarray([len(v) for v in buckets.values()], np.float64)
   recent = []  # the last 50 steps' accuracies, on device until logged (no per-step sync)
   for i in range(steps):
     if stretch is None:
-      length, pick = rows["input_ids"].shape[1], rng.integers(0, len(lengths), batch_size)
+      length, pick = full, rng.integers(0, count, batch_size)
     else:
       length = list(buckets)[rng.choice(len(buckets), p=sizes / sizes.sum())]
       pick = rng.choice(buckets[length], batch_size)
     batch = {k: v[pick, :length] for k, v in rows.items()}
-    batch["positions"] = (
-        np.maximum(np.cumsum(batch["attention_mask"], axis=1) - 1, 0) if stretch is None else
-        stretched_positions(batch["input_ids"], batch["attention_mask"], *stretch, rng))
+    if stretch is not None:
+      batch["positions"] = stretched_positions(batch["input_ids"], batch["attention_mask"],
+                                               *stretch, rng)
     params, opt_state, loss, accuracy = step(
         params, opt_state, {k: jnp.asarray(v) for k, v in batch.items()},
         None if digits is None else jnp.asarray(digits[pick, :length]))
